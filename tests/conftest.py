@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random models of every supported family, their saved folders, and the real teacher."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never reach a hub; the cache of converted models and token blocks is shared across test sessions.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from minitron.models import make_byte_tokenizer, save_model  # noqa: E402
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+# GQA with 2 query heads per KV group, explicit head_dim, 4 layers: every slicing bug shows up at this size.
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def tiny_config(family: str, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    kwargs = dict(TINY, eos_token_id=256, bos_token_id=256, pad_token_id=256)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def build_tiny_model(family: str, seed: int = 0, **overrides):
+    """A tiny random *ForCausalLM in fp32 eval mode. Weights are non-trivial (no zero biases or unit norms), so a
+    slicing mistake in any tensor changes the logits."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))  # break the 1.0/0.0 init so norms and biases are tested too
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: tiny_model("qwen2", tie_word_embeddings=False) → model."""
+    return build_tiny_model
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_byte_tokenizer()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer) -> Path:
+    """A saved tiny Llama folder with a tokenizer."""
+    return save_model(build_tiny_model("llama"), tiny_tokenizer, tmp_path / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real teacher, SmolLM2-135M-Instruct (converted once from the GGUF, then cached)."""
+    from minitron.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def text_corpus(tmp_path) -> Path:
+    """A small folder of .txt documents (distinct, deterministic text)."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly mobs".split()
+    for d in range(12):
+        paragraphs = [" ".join(words[(d * 7 + p * 3 + i) % len(words)] for i in range(40)) for p in range(5)]
+        (folder / f"doc{d:02d}.txt").write_text("\n\n".join(paragraphs))
+    return folder
