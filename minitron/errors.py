@@ -1,0 +1,2 @@
+class UserError(Exception):
+    """A one-line error the user can fix."""
