@@ -137,6 +137,11 @@ class Proc:
     def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
+        try:  # reap it if it is our own exited child (a zombie still answers kill(pid, 0))
+            if os.waitpid(self.pid, os.WNOHANG)[0]:
+                return False
+        except ChildProcessError:
+            pass
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
@@ -357,6 +362,11 @@ def stack_up(state: str | Path | None = None, *, host: str = "127.0.0.1", ports:
         if not _port_free(host, ports[name]):
             raise UserError(f"port {ports[name]} on {host} ({name}) is in use: stop what holds it or pick another port")
     creds, generated = load_credentials(state)
+    if generated:  # shown now, whatever happens next: this is the only time they are printed
+        out(f"generated credentials (shown once; stored in {state / '.env'}, mode 0600):")
+        out(f"  MLflow  user {creds['MLFLOW_AUTH_ADMIN_USERNAME']}  password {creds['MLFLOW_AUTH_ADMIN_PASSWORD']}")
+        user, _, password = creds["PREFECT_SERVER_API_AUTH_STRING"].partition(":")
+        out(f"  Prefect user {user}  password {password}")
     started: list[Proc] = []
     try:
         s3 = start_s3(state, host, ports["s3"])
@@ -387,11 +397,6 @@ def stack_up(state: str | Path | None = None, *, host: str = "127.0.0.1", ports:
     for key, value in client_env(urls).items():
         out(f"  export {key}={value}")
     out(f"  set -a; . {state / '.env'}; set +a   # credentials")
-    if generated:
-        out(f"generated credentials (shown once; stored in {state / '.env'}, mode 0600):")
-        out(f"  MLflow  user {creds['MLFLOW_AUTH_ADMIN_USERNAME']}  password {creds['MLFLOW_AUTH_ADMIN_PASSWORD']}")
-        user, _, password = creds["PREFECT_SERVER_API_AUTH_STRING"].partition(":")
-        out(f"  Prefect user {user}  password {password}")
     return Stack(state, procs, env, generated)
 
 

@@ -313,6 +313,12 @@ def open_store(uri: str | Path, **s3_options) -> Store:
 
 def check_store(uri: str | Path, **s3_options) -> Store:
     """Open a store and check that it is reachable and writable enough to start; one-line UserError otherwise."""
-    store = open_store(uri, **s3_options)
+    from_env = str(uri).startswith("s3://")
+    try:
+        store = open_store(uri, **s3_options)
+    except Exception as e:  # boto3 resolves credentials when the client is made: half-set ones fail here
+        if from_env and type(e).__module__.startswith("botocore"):
+            raise UserError(f"S3 credentials for {uri} are incomplete or invalid: {e}") from None
+        raise
     store.check()
     return store
