@@ -32,7 +32,9 @@ SECRET_ENV = (
     "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING",
     "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "POSTGRES_PASSWORD",
 )
-SECRET_NAME = re.compile(r"(secret|password|passwd|token|api_?key|auth_?string|credential|private_?key)", re.I)
+# Whole name parts only: "hf_token" is a secret, "distill_tokens" and "tokenizer" are not.
+SECRET_NAME = re.compile(
+    r"(?:^|[_.-])(secret|password|passwd|token|api_?key|auth_?string|credentials?|private_?key)(?:$|[_.-])", re.I)
 _MIN_SECRET_LEN = 6  # shorter values ("true", "admin") would mask half the log and protect nothing
 
 

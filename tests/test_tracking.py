@@ -108,6 +108,11 @@ def test_scrub(monkeypatch):
         "url": "http://bob:***@host/x", "n": 3, "nested": [("*** and abc",)]}
     assert tracking.scrub("auth prefect-pass-123 / admin:prefect-pass-123") == "auth *** / ***"
     assert tracking.scrub({"password": "", "token": None}) == {"password": "", "token": None}
+    # names that merely contain a secret word are config, not credentials
+    assert tracking.scrub({"distill_tokens": "5M", "tokenizer": "bpe", "tokens_per_s": 9.5, "db_password": "pw"}) == {
+        "distill_tokens": "5M", "tokenizer": "bpe", "tokens_per_s": 9.5, "db_password": "***"}
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false-ish")
+    assert tracking.scrub("false-ish") == "false-ish"
     assert tracking.scrub(1.5) == 1.5 and tracking.scrub(True) is True
 
 
