@@ -39,9 +39,10 @@ class EvalDataConfig:
     hf_config: str | None = None  # hub dataset config, for hub corpora
     hf_split: str = "train"
     text_field: str = "text"
-    ppl_words: int = 256  # words per perplexity passage (the tail of a document shorter than half of it is dropped)
-    prefix_words: int = 64  # words of passage shown before the blank
-    ending_words: int = 20  # words per continuation (true and distractors)
+    # Sizes are kept small for CPU: lm-eval scores each of the 4 choices with the whole prefix in front of it.
+    ppl_words: int = 64  # words per perplexity passage (the tail of a document shorter than half of it is dropped)
+    prefix_words: int = 32  # words of passage shown before the blank
+    ending_words: int = 12  # words per continuation (true and distractors)
     max_items: int = 1000  # cap per task; evaluation usually takes fewer through `limit`
 
 
@@ -103,11 +104,11 @@ def cloze_items(docs: list[str], cfg: EvalDataConfig) -> list[dict]:
     items = []
     for i in order[:cfg.max_items]:
         d, prefix, ending = windows[i]
-        distractors: list[str] = []
-        while len(distractors) < 3:
-            other_doc, _, other = windows[rng.randrange(len(windows))]
-            if other_doc != d and other != ending and other not in distractors:
-                distractors.append(other)
+        pool = sorted({e for od, _, e in windows if od != d and e != ending})  # sorted: set order is not seeded
+        if len(pool) < 3:
+            raise UserError(f"the held-out split of '{cfg.data}' has too few distinct passages for cloze "
+                            "distractors; use a larger corpus or val_fraction")
+        distractors = rng.sample(pool, 3)
         label = rng.randrange(4)
         endings = distractors[:label] + [ending] + distractors[label:]
         items.append({"context": prefix, "endings": endings, "label": label})

@@ -91,24 +91,31 @@ def _go_offline() -> None:
     huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
-def task_manager(names, data_dir: Path | None):
-    """lm-eval's TaskManager over the offline tasks' folder, plus the built-in tasks only when a standard task is
-    asked for (indexing them takes seconds). Unknown names → UserError before any model is loaded."""
+def task_manager(names, data_dir: Path | None, include_path: list[str] | None = None):
+    """lm-eval's TaskManager over the offline tasks' folder and the user's task folders, plus the built-in tasks only
+    when a standard task is asked for (indexing them takes seconds). Unknown names → UserError before any model
+    is loaded."""
     from lm_eval.tasks import TaskManager
 
+    for folder in include_path or []:
+        if not Path(folder).is_dir():
+            raise UserError(f"task folder '{folder}' does not exist (--include-path takes folders of task YAML)")
+    paths = [str(data_dir)] if data_dir else []
+    paths += [str(p) for p in include_path or []]
     standard = [n for n in names if n not in OFFLINE_TASKS]
-    manager = TaskManager(include_path=[str(data_dir)] if data_dir else None, include_defaults=bool(standard))
+    manager = TaskManager(include_path=paths or None, include_defaults=bool(standard))
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise UserError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: {LIST_HINT}")
     return manager
 
 
-def list_tasks() -> list[str]:
-    """Offline tasks first, then every lm-eval task, group and tag name."""
+def list_tasks(include_path: list[str] | None = None) -> list[str]:
+    """Offline tasks first, then every lm-eval task, group and tag name (with the user's task folders)."""
     from lm_eval.tasks import TaskManager
 
-    return list(OFFLINE_TASKS) + [n for n in TaskManager().all_tasks if n not in OFFLINE_TASKS]
+    return list(OFFLINE_TASKS) + [n for n in TaskManager(include_path=include_path or None).all_tasks
+                                  if n not in OFFLINE_TASKS]
 
 
 def _load_tasks(manager, shots: dict[str, int | None]) -> tuple[list, list[str]]:
@@ -121,8 +128,7 @@ def _load_tasks(manager, shots: dict[str, int | None]) -> tuple[list, list[str]]
             if name in OFFLINE_TASKS:
                 raise
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-            log.warning("skipping task %s: its data is not available (%s)", name, first)
-            print(f"warning: skipping task {name}: data not available offline ({first})")
+            log.warning("skipping task %s: its data is not available here (%s)", name, first)
             skipped.append(name)
             continue
         for task in built["tasks"].values():
@@ -161,13 +167,17 @@ def evaluate(model_or_path, *, tasks: str | list[str] | None = None, preset: str
              limit: int | float | None = None, device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None, tokenizer=None, batch_size: int | str | None = None,
              max_length: int | None = None, data: EvalDataConfig | str = "shakespeare",
-             bootstrap_iters: int = 1000) -> dict:
+             include_path: list[str] | None = None, bootstrap_iters: int = 1000,
+             load_kwargs: dict | None = None) -> dict:
     """Evaluate a model (in-memory model + `tokenizer`, or a spec for `minitron.models.load_model`).
 
     limit: items per task (int) or fraction of each task (float < 1), as lm-eval's `limit`.
     data: the corpus (spec or EvalDataConfig: val_fraction and seed must match the run) for the offline tasks.
     batch_size: None = "auto" on GPU, CPU_BATCH on CPU. max_length: None = min(config's positions, MAX_LENGTH).
+    include_path: extra folders of lm-eval task YAML (e.g. a standard task pointed at local files).
     bootstrap_iters: resamples for the stderr of non-mean metrics (perplexities); 0 skips them.
+    load_kwargs: extra `load_model` arguments for a spec (allow_pickle, trust_remote_code).
+    Task names, the offline data and the task data are all checked before the model is loaded.
     """
     from minitron.models import count_parameters, load_model, resolve_device
 
@@ -179,17 +189,17 @@ def evaluate(model_or_path, *, tasks: str | list[str] | None = None, preset: str
     data_dir = write_eval_data(data) if any(n in OFFLINE_TASKS for n in shots) else None
     if any(n not in OFFLINE_TASKS for n in shots) and not _hub_reachable():
         _go_offline()
-    manager = task_manager(list(shots), data_dir)
+    manager = task_manager(list(shots), data_dir, include_path)
+    loaded, skipped = _load_tasks(manager, shots)
 
     if isinstance(model_or_path, (str, Path)):
-        model, tokenizer = load_model(str(model_or_path), dtype=dtype, device=device)
+        model, tokenizer = load_model(str(model_or_path), dtype=dtype, device=device, **(load_kwargs or {}))
     else:
         model = model_or_path
         if tokenizer is None:
             raise UserError("an in-memory model needs its tokenizer: evaluate(model, tokenizer=...)")
     device = next(model.parameters()).device if device is None else resolve_device(device)
     model.to(device).eval()
-    loaded, skipped = _load_tasks(manager, shots)
 
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
