@@ -47,6 +47,7 @@ def test_offline_tasks_on_random_model_are_finite_and_near_chance(random_results
     assert r["corpus_ppl"]["bits_per_byte"] == pytest.approx(math.log2(r["corpus_ppl"]["byte_perplexity"]), rel=1e-6)
 
 
+@pytest.mark.slow  # ~4 CPU-minutes on this machine (240 choices through a 135M model)
 def test_smollm2_beats_random_model_on_cloze(smollm2, random_results):
     model, tokenizer = smollm2
     r = evaluate(model, tokenizer=tokenizer, tasks="corpus_cloze", limit=SMOLLM2_ITEMS, data=DATA)
