@@ -19,7 +19,8 @@ V = vocabulary, N = parameters):
   - fused lm_head + KL loss (minitron/distill/loss.py): gradients of the last hidden state (4Td) and of lm_head (4Vd)
     are computed in forward and kept for backward; per chunk of c tokens ~K x c x V x 4 bytes of fp32 logit-sized
     temporaries, a compute-dtype copy of lm_head and the [V, d] product of the lm_head gradient update;
-  - teacher: frozen, in bf16 (2 bytes/parameter, replicated on every GPU), and its last hidden state 2Td.
+  - teacher: frozen, in the compute dtype (bf16: 2 bytes/parameter, replicated on every GPU), and its last hidden
+    state (2Td in bf16).
   Peak = resident (weights, moments, teacher; gradients too when grad_accum > 1) + the larger of the start of
   backward (activations + autocast copies + loss) and the end of backward (all gradients + autocast copies).
 FSDP across S GPUs shards the student's weights, gradients and moments (the engine's FSDP2 shards each decoder layer
@@ -212,7 +213,7 @@ def training_memory(student: Model, teacher: Model | None, tokens: int, *, grad_
     bwd_tmp = 4 * tokens * d + 4 * v * d
     loss = kept + max(fwd_tmp, bwd_tmp)
     parts = {
-        "teacher": 2 * teacher.params if teacher else 0,
+        "teacher": act_elem * teacher.params if teacher else 0,  # cast to the compute dtype
         "weights": 4 * n // shards,
         "adamw": 8 * n // shards,
         "grads": 4 * n // shards,
@@ -220,7 +221,7 @@ def training_memory(student: Model, teacher: Model | None, tokens: int, *, grad_
         "autocast": casts,
         "activations": acts,
         "loss": loss,
-        "teacher-hidden": 2 * tokens * teacher.shape.hidden if teacher else 0,
+        "teacher-hidden": act_elem * tokens * teacher.shape.hidden if teacher else 0,
     }
     resident = parts["teacher"] + parts["weights"] + parts["adamw"] + parts["fsdp-gathered"] + \
         parts["teacher-hidden"]
