@@ -227,3 +227,17 @@ def test_fsdp_shards_only_the_student_states():
     assert eight.peak < one.peak
     with pytest.raises(UserError, match="unknown GPU"):
         make_plan(make_config({"teacher": "llama-3.1-8b", "target_hidden": 3072}), gpu="tpu")
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_forward_stage_estimate_is_close_and_conservative(logits):
+    """Importance and evaluation: a bf16 forward without autograd (with the LM loss when logits are scored)."""
+    from minitron.plan import forward_memory
+
+    torch.set_num_threads(1)
+    model = llama(128, 384).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 2048, (8, 256))
+    with torch.no_grad(), PeakMemory(*model.parameters(), *model.buffers(), ids) as measured:
+        model(ids, labels=ids) if logits else model.model(ids)
+    estimate = forward_memory(Model(model.config, shape_of(model.config)), ids.numel(), logits=logits).peak
+    assert measured.peak <= estimate <= 1.2 * measured.peak
