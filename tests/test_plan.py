@@ -241,3 +241,15 @@ def test_forward_stage_estimate_is_close_and_conservative(logits):
         model(ids, labels=ids) if logits else model.model(ids)
     estimate = forward_memory(Model(model.config, shape_of(model.config)), ids.numel(), logits=logits).peak
     assert measured.peak <= estimate <= 1.2 * measured.peak
+
+
+def test_iterative_search_prunes_from_the_previous_pick():
+    plan = make_plan(make_config({"teacher": "smollm2-135m", "target_params": "100M,70M", "tolerance": 0.05}),
+                     root="/nonexistent")
+    searches = [s for s in plan.stages if s.name.endswith("search")]
+    assert len(searches) == 2
+    first, second = searches
+    assert abs(first.model_out.params - 100e6) <= 5e6 and abs(second.model_out.params - 70e6) <= 3.5e6
+    assert second.model_in.shape == first.model_out.shape  # step 2 starts from step 1's student
+    for a, b in zip(second.model_out.shape.__dict__.values(), first.model_out.shape.__dict__.values(), strict=True):
+        assert a <= b
