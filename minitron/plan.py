@@ -500,13 +500,14 @@ def make_plan(cfg: CompressConfig, gpu: str = "h100-80gb", mfu: float | None = N
             big = Model(config, max(top, key=lambda c: c.params).shape)
             tokens = cfg.tokens("search_tokens")
             st = train_stage(f"3 {step}search", big, parent, tokens, parent)
-            proxy = len(found) * cfg.proxy_batches * micro
+            scored = min(len(found), cfg.search_max_candidates)
+            proxy = scored * cfg.proxy_batches * micro
             st.tokens = tokens * len(top) + proxy
             st.flops = st.flops * len(top) + forward_flops(parent, proxy, seq) * 2
             st.gpu_hours = hours(st.flops)
             st.model_out = best
             st.note = (f"{len(found)} candidates within {cfg.tolerance:.0%} of {format_count(target)}; proxy KL on "
-                       f"all, {len(top)} distilled for {format_count(tokens)} tokens each; shown: the closest")
+                       f"{scored}, {len(top)} distilled for {format_count(tokens)} tokens each; shown: the closest")
             plan.stages.append(st)
             student = best
         else:

@@ -1,7 +1,7 @@
 """`minitron run --config FILE [--set key=value ...] [--dry-run [--gpu h100-80gb]]`: the whole compression.
 
 `--dry-run` prints the plan (shapes, exact parameter counts, peak GPU memory per stage, tokens, GPU-hours) from the
-config alone: no weights, no data, seconds. Without it the run goes to the orchestration (flows/compress.py), which
+config alone: no weights, no data, seconds. Without it the run goes to the orchestration (flows/run.py), which
 imports Prefect and MLflow lazily so the planner and `--help` stay light."""
 
 from __future__ import annotations
@@ -51,6 +51,6 @@ def run(args) -> int:
         plan = make_plan(cfg, args.gpu, args.mfu)
         print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
         return 0
-    from flows.compress import run_from_cli
+    from flows.run import run_from_cli
 
     return run_from_cli(cfg, args)
