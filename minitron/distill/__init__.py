@@ -5,6 +5,7 @@
 Both run unchanged under `torchrun` (DDP, or FSDP2 with `parallel="fsdp"`).
 """
 
+from minitron.distill.loop import DistillConfig, DistillResult, check_compatible, correct_teacher, distill
 from minitron.distill.loss import KDLossConfig, fused_kd_loss
 
 __all__ = ["DistillConfig", "DistillResult", "KDLossConfig", "check_compatible", "correct_teacher", "distill",
