@@ -1,0 +1,74 @@
+"""`minitron distill` end to end through the CLI: 2 gloo processes under torchrun (re-launched by `--nproc 2`)
+follow the same validation trajectory as 1 process at the same global batch; bad inputs exit 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import build_tiny_model
+from test_distill_loop import depth_pruned, sharp_teacher
+
+from minitron.cli import main
+from minitron.models import save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*argv, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "minitron.cli", *map(str, argv)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, start_new_session=True)
+
+
+@pytest.fixture
+def folders(tmp_path, tiny_tokenizer):
+    teacher = sharp_teacher()
+    return (save_model(teacher, tiny_tokenizer, tmp_path / "teacher"),
+            save_model(depth_pruned(teacher), tiny_tokenizer, tmp_path / "student"))
+
+
+def distill_args(teacher, student, corpus, out, tokens, batch, nproc):
+    return ["distill", "--teacher", teacher, "--student", student, "--data", corpus, "--val-fraction", "0.3",
+            "--tokens", tokens, "--seq-len", 16, "--batch", batch, "--lr", 3e-3, "--eval-every", 1,
+            "--val-batches", 2, "--nproc", nproc, "--no-progress", "--device", "cpu", "--out", out]
+
+
+def trajectory(out: Path) -> list[tuple[float, float]]:
+    return [(r["val_kl"], r["val_ce"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_two_processes_match_one_at_the_same_global_batch(tmp_path, folders, text_corpus):
+    teacher, student = folders
+    one = cli(*distill_args(teacher, student, text_corpus, tmp_path / "one", 6 * 64, 4, 1))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = cli(*distill_args(teacher, student, text_corpus, tmp_path / "two", 6 * 64, 2, 2))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = trajectory(tmp_path / "one"), trajectory(tmp_path / "two")
+    assert len(a) == len(b) == 7  # before the first step and after each of the 6
+    assert a[-1][0] < a[0][0]  # it trained
+    for (kl1, ce1), (kl2, ce2) in zip(a, b, strict=True):
+        assert kl2 == pytest.approx(kl1, rel=1e-5, abs=1e-7)
+        assert ce2 == pytest.approx(ce1, rel=1e-5)
+    assert "val_kl" in two.stdout and (tmp_path / "two" / "model.safetensors").is_file()
+
+
+def test_bad_inputs_exit_with_one_line(tmp_path, folders, text_corpus, tiny_tokenizer, capsys):
+    teacher, student = folders
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    other_vocab = save_model(build_tiny_model("llama", vocab_size=300), tiny_tokenizer, tmp_path / "v300")
+    cases = {
+        "smaller than one optimizer step": distill_args(teacher, student, text_corpus, tmp_path / "o", 63, 4, 1),
+        "has no config.json": distill_args(teacher, not_a_model, text_corpus, tmp_path / "o", 640, 4, 1),
+        "vocabularies differ": distill_args(teacher, other_vocab, text_corpus, tmp_path / "o", 640, 4, 1),
+    }
+    for message, argv in cases.items():
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1], err
+    assert not (tmp_path / "o").exists()
