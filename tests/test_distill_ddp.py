@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import build_tiny_model
 from test_distill_loop import depth_pruned, sharp_teacher
 
@@ -32,21 +33,23 @@ def folders(tmp_path, tiny_tokenizer):
             save_model(depth_pruned(teacher), tiny_tokenizer, tmp_path / "student"))
 
 
-def distill_args(teacher, student, corpus, out, tokens, batch, nproc):
+def distill_args(teacher, student, corpus, out, tokens, batch, nproc, parallel="ddp"):
     return ["distill", "--teacher", teacher, "--student", student, "--data", corpus, "--val-fraction", "0.3",
             "--tokens", tokens, "--seq-len", 16, "--batch", batch, "--lr", 3e-3, "--eval-every", 1,
-            "--val-batches", 2, "--nproc", nproc, "--no-progress", "--device", "cpu", "--out", out]
+            "--val-batches", 2, "--nproc", nproc, "--parallel", parallel, "--checkpoint-every", 3, "--no-progress",
+            "--device", "cpu", "--out", out]
 
 
 def trajectory(out: Path) -> list[tuple[float, float]]:
     return [(r["val_kl"], r["val_ce"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
-def test_two_processes_match_one_at_the_same_global_batch(tmp_path, folders, text_corpus):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_at_the_same_global_batch(tmp_path, folders, text_corpus, parallel):
     teacher, student = folders
     one = cli(*distill_args(teacher, student, text_corpus, tmp_path / "one", 6 * 64, 4, 1))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = cli(*distill_args(teacher, student, text_corpus, tmp_path / "two", 6 * 64, 2, 2))
+    two = cli(*distill_args(teacher, student, text_corpus, tmp_path / "two", 6 * 64, 2, 2, parallel))
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = trajectory(tmp_path / "one"), trajectory(tmp_path / "two")
     assert len(a) == len(b) == 7  # before the first step and after each of the 6
@@ -54,7 +57,15 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, folders, tex
     for (kl1, ce1), (kl2, ce2) in zip(a, b, strict=True):
         assert kl2 == pytest.approx(kl1, rel=1e-5, abs=1e-7)
         assert ce2 == pytest.approx(ce1, rel=1e-5)
-    assert "val_kl" in two.stdout and (tmp_path / "two" / "model.safetensors").is_file()
+    assert "val_kl" in two.stdout
+    # rank 0 wrote a full (unsharded) checkpoint and a plain model folder equal to the 1-process result
+    ckpt = torch.load(tmp_path / "two" / "checkpoints" / "step-3.pt", weights_only=True)
+    assert ckpt["model"]["student.model.embed_tokens.weight"].shape == (320, 64)
+    from transformers import AutoModelForCausalLM
+
+    m1, m2 = (AutoModelForCausalLM.from_pretrained(tmp_path / d) for d in ("one", "two"))
+    for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_bad_inputs_exit_with_one_line(tmp_path, folders, text_corpus, tiny_tokenizer, capsys):

@@ -274,11 +274,15 @@ def _wrap(objective: _Objective, cfg: DistillConfig, device: torch.device, world
     if world == 1:
         return objective
     if cfg.parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # one group per decoder block, the rest (embeddings, final norm, lm_head) in the root group; fully_shard
+        # moves each rank's shard to the mesh device, so the full student never has to fit on one GPU
+        mesh = init_device_mesh(device.type, (world,))
         for layer in objective.student.get_decoder().layers:
-            fully_shard(layer)
-        return fully_shard(objective)
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(objective, mesh=mesh)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
@@ -302,7 +306,8 @@ def _train(student, teacher, data: TokenData, cfg: DistillConfig, loss_cfg: KDLo
                "lr": cfg.lr, "objective": "kd" if teacher is not None else "ce"}
 
     torch.manual_seed(cfg.seed)
-    student.to(device=device, dtype=torch.float32).train()
+    sharded = world > 1 and cfg.parallel == "fsdp"
+    student.to(dtype=torch.float32, device=None if sharded else device).train()
     inter = None
     if teacher is not None:
         teacher.to(device=device, dtype=compute_dtype).eval().requires_grad_(False)
