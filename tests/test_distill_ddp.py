@@ -65,7 +65,7 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, folders, tex
 
     m1, m2 = (AutoModelForCausalLM.from_pretrained(tmp_path / d) for d in ("one", "two"))
     for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
-        torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(p2, p1, rtol=0, atol=1e-5, msg=name)  # 1e-5 = 0.3% of one Adam step
 
 
 def test_bad_inputs_exit_with_one_line(tmp_path, folders, text_corpus, tiny_tokenizer, capsys):
