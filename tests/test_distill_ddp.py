@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_model
-from test_distill_loop import depth_pruned, sharp_teacher
+from test_distill_loop import depth_pruned, one_thread, sharp_teacher  # noqa: F401  (autouse fixture)
 
 from minitron.cli import main
 from minitron.models import save_model
@@ -83,3 +83,19 @@ def test_bad_inputs_exit_with_one_line(tmp_path, folders, text_corpus, tiny_toke
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], err
     assert not (tmp_path / "o").exists()
+
+
+def test_correct_teacher_cli(tmp_path, folders, text_corpus, capsys):
+    teacher, _ = folders
+    out = tmp_path / "corrected"
+    argv = ["correct-teacher", teacher, "--data", text_corpus, "--val-fraction", "0.3", "--tokens", 8 * 64,
+            "--seq-len", 16, "--batch", 4, "--lr", 3e-3, "--eval-every", 4, "--no-progress", "--device", "cpu",
+            "--out", out]
+    assert main([str(a) for a in argv]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    before, after = (float(x) for x in summary.split("val_ce ")[1].split(",")[0].split(" -> "))
+    assert after < before
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 4, 8] and records[0]["val_kl"] is None
+    assert records[-1]["val_ce"] == pytest.approx(after, abs=1e-4)
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
