@@ -248,18 +248,20 @@ def _load_checkpoint(path: Path, objective, optimizer, run_key: dict):
 # distributed setup
 
 
-def _setup_distributed(device_spec: str) -> tuple[int, int, torch.device]:
-    """(rank, world, device). Under torchrun, joins the process group (NCCL on CUDA, gloo on CPU)."""
+def _setup_distributed(device_spec: str) -> tuple[int, int, torch.device, bool]:
+    """(rank, world, device, joined). Under torchrun, joins the process group (NCCL on CUDA, gloo on CPU) unless
+    the caller already did; `joined` says whether we did, and so must leave it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_spec)
     if world == 1:
-        return 0, 1, device
+        return 0, 1, device, False
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    return dist.get_rank(), dist.get_world_size(), device, joined
 
 
 def _all_sum(values: list[float], device: torch.device, world: int) -> list[float]:
@@ -295,7 +297,16 @@ def _wrap(objective: _Objective, cfg: DistillConfig, device: torch.device, world
 def _train(student, teacher, data: TokenData, cfg: DistillConfig, loss_cfg: KDLossConfig, *, out_dir, tokenizer,
            callback: Callable[[dict], None] | None, resume: bool) -> DistillResult:
     out_dir = Path(out_dir)
-    rank, world, device = _setup_distributed(cfg.device)
+    rank, world, device, joined = _setup_distributed(cfg.device)
+    try:
+        return _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, resume, rank, world, device)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, resume, rank, world, device):
+    """The loop itself, on this rank (`_train` joins and leaves the process group around it)."""
     if teacher is not None:
         check_compatible(teacher, student)
     total_steps = _plan(cfg, data, world)
