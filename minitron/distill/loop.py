@@ -336,6 +336,7 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
     params = [p for p in objective.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    # betas as in the Minitron papers; the fused CUDA kernel updates all parameters in one launch
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     warmup = round(cfg.warmup_frac * total_steps)
 
