@@ -13,7 +13,7 @@ import sys
 from minitron.errors import UserError
 
 # Order = order in `minitron --help`: pipeline stages first, then planning and operations.
-COMMANDS = ("info", "data")
+COMMANDS = ("info", "data", "search")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -121,11 +121,12 @@ def _ranks(rows: list[CandidateRow], key: str) -> None:
 # default steps (real modules, imported lazily so this file imports without them)
 
 
-def prune_candidate(teacher, scores, candidate):
-    """The default `make_candidate`: the teacher pruned to the candidate's shape (weights copied, teacher intact)."""
+def prune_candidate(teacher, scores, candidate, layer_metric: str = "loss"):
+    """The default `make_candidate`: the teacher pruned to the candidate's shape (weights copied, teacher intact).
+    Depth shapes without a block drop the lowest-ranked layers by `layer_metric` ("loss" or "bi")."""
     from minitron.prune import prune
 
-    return prune(teacher, scores, candidate.shape, drop_layers=candidate.drop)
+    return prune(teacher, scores, candidate.shape, drop_layers=candidate.drop, layer_metric=layer_metric)
 
 
 def _final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -162,24 +163,33 @@ class ValidationKL:
         return total / tokens
 
 
-@dataclass
 class ShortDistill:
-    """The default `short_distill`: `minitron.distill.distill` with the same settings, data order and seed for every
-    candidate; returns the student and the final validation metrics."""
+    """The default `short_distill`: `minitron.distill.distill` with one DistillConfig for every candidate (only the
+    token budget and seed are set per call, and they are the same for all), so data order and schedule match.
 
-    batch_size: int = 8  # sequences per step
-    lr: float = 1e-4  # peak learning rate (cosine schedule to lr / 10)
-    eval_every: int = 25  # steps between validations (points of the loss curve)
-    val_batches: int = 2  # validation batches per evaluation
+    distill casts the teacher to its compute dtype in place: load the teacher in that dtype (as the CLI does) so
+    every candidate is pruned from the same weights."""
+
+    def __init__(self, config=None, tokenizer=None, **overrides):
+        from minitron.distill import DistillConfig
+
+        # tokens and seed are set per call; `overrides` (batch_size=, lr=, ...) apply when no config is given
+        self.config = config or DistillConfig(tokens=0, **overrides)
+        self.tokenizer = tokenizer  # saved with each distilled candidate, so its folder is a usable model
 
     def __call__(self, teacher, student, data, *, tokens: int, seed: int, out_dir: Path | None,
                  callback: Callable[[dict], None]):
-        from minitron.distill import DistillConfig, distill
+        import tempfile
 
-        cfg = DistillConfig(tokens=tokens, batch_size=self.batch_size, lr=self.lr, min_lr=self.lr / 10,
-                            eval_every=self.eval_every, val_batches=self.val_batches, seed=seed)
-        result = distill(teacher, student, data, cfg, out_dir=out_dir, callback=callback)
-        return result.student, dict(result.metrics)
+        from minitron.distill import distill
+
+        cfg = replace(self.config, tokens=tokens, seed=seed)
+        with tempfile.TemporaryDirectory(prefix="minitron-search-") as tmp:
+            result = distill(teacher, student, data, cfg, out_dir=out_dir or tmp, tokenizer=self.tokenizer,
+                             callback=callback)
+        return student, {"val_kl": result.last_val_kl, "val_ce": result.last_val["val_ce"],
+                         "val_kl_before": result.first_val_kl, "steps": result.steps, "tokens": result.tokens,
+                         "tokens_per_s": result.metrics.get("tokens_per_s")}
 
 
 # ----------------------------------------------------------------------------------------------------------------

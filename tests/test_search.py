@@ -145,3 +145,148 @@ def test_kendall_tau_b_hand_values():
     assert kendall_tau_b([1, 2, 3], [3, 2, 1]) == -1.0
     # pairs: (1,2) C, (1,3) C, (2,3) tied in x → (2 - 0) / sqrt(3 * 2)
     assert kendall_tau_b([1, 2, 2], [1, 2, 3]) == pytest.approx(2 / 6 ** 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# with the real modules: enumeration against a brute-force count, the proxy against full logits, the CLI
+
+
+def _brute_force(model, target, tol, kv_options):
+    """Every shape the search space allows (≥ half of each axis, widths in multiples of 64 where the model's size
+    is one), counted by building the pruned model on the meta device: no formula shared with archmath."""
+    from minitron.models import build_meta_model
+
+    c = model.config
+    L, H, F, Q, KV = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, \
+        c.num_key_value_heads
+    found = set()
+    for layers in range(-(-L // 2), L + 1):
+        for hidden in range(64, H + 1, 64):
+            for ffn in range(64, F + 1, 64):
+                for kv in kv_options:
+                    for per in range(1, Q // KV + 1):
+                        if per * kv * 2 < Q or (layers, hidden, ffn, per * kv, kv) == (L, H, F, Q, KV):
+                            continue
+                        cfg = c.to_dict() | dict(num_hidden_layers=layers, hidden_size=hidden,
+                                                 intermediate_size=ffn, num_attention_heads=per * kv,
+                                                 num_key_value_heads=kv)
+                        meta = build_meta_model(type(c).from_dict(cfg))
+                        params = sum(p.numel() for p in meta.parameters())
+                        if target * (1 - tol) <= params <= target * (1 + tol):
+                            found.add((layers, hidden, ffn, per * kv, kv, params))
+    return found
+
+
+@pytest.mark.parametrize("target,tol,kv_groups", [(100_000, 0.1, False), (120_000, 0.05, False),
+                                                  (110_000, 0.2, True)])
+def test_enumeration_is_exactly_the_shapes_within_budget(tiny_model, target, tol, kv_groups):
+    pytest.importorskip("minitron.archmath")
+    from minitron.search import enumerate_rows
+
+    model = tiny_model("llama")
+    got = enumerate_rows(model.config, target, tol, prune_kv_groups=kv_groups)
+    shapes = {(r.shape.layers, r.shape.hidden, r.shape.ffn, r.shape.heads, r.shape.kv_heads, r.params)
+              for r in got}
+    assert shapes == _brute_force(model, target, tol, (1, 2) if kv_groups else (2,))
+    # every pure-depth shape also comes as the contiguous block that keeps the last layer
+    depth = [r for r in got if r.kind == "depth"]
+    blocks = {(r.shape.layers, r.drop) for r in got if r.kind == "depth-block"}
+    assert blocks == {(r.shape.layers, (3 - (4 - r.shape.layers), 2)) for r in depth}
+    assert len(got) == len(shapes) + len(depth)
+
+
+def _kl_full_logits(teacher, student, blocks):
+    """Mean per-token KL(teacher ‖ student) from full logits, the reference for the proxy."""
+    import torch.nn.functional as F
+
+    t = F.log_softmax(teacher(blocks).logits.float(), -1)
+    s = F.log_softmax(student(blocks).logits.float(), -1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+@pytest.fixture
+def tiny_search_setup(tmp_path, tiny_model, tiny_tokenizer, text_corpus):
+    pytest.importorskip("minitron.prune")
+    pytest.importorskip("minitron.distill.loop")
+    from minitron.importance import compute_importance
+
+    from minitron.data import load_token_data
+    from minitron.models import save_model
+
+    teacher = tiny_model("llama")
+    folder = save_model(teacher, tiny_tokenizer, tmp_path / "teacher")
+    data = load_token_data(str(text_corpus), tiny_tokenizer, 32, val_fraction=0.2)
+    scores = compute_importance(teacher, data.calibration(16), batch_size=8, val_blocks=data.val[:4])
+    scores.save(tmp_path / "scores.safetensors")
+    return teacher, folder, data, scores, tmp_path / "scores.safetensors"
+
+
+def test_proxy_is_validation_kl_of_pruned_model(tiny_search_setup):
+    import torch
+
+    from minitron.search import ValidationKL, enumerate_rows, prune_candidate
+
+    teacher, _, data, scores, _ = tiny_search_setup
+    blocks = data.val[:6]
+    proxy = ValidationKL(teacher, blocks, batch_size=4)  # 2 batches, the last one short
+    with torch.no_grad():
+        for row in enumerate_rows(teacher.config, 100_000, 0.1):
+            student = prune_candidate(teacher, scores, row)
+            assert proxy(student) == pytest.approx(_kl_full_logits(teacher, student, blocks), rel=1e-4)
+
+
+def test_cli_search_end_to_end(tiny_search_setup, text_corpus, tmp_path, capsys):
+    import torch
+
+    from minitron.cli import main
+    from minitron.models import load_model
+    from minitron.search import prune_candidate
+
+    teacher, folder, data, scores, scores_path = tiny_search_setup
+    out = tmp_path / "search"
+    args = ["search", str(folder), "--scores", str(scores_path), "--data", str(text_corpus), "--val-fraction",
+            "0.2", "--target-params", "100K", "--tolerance", "0.1", "--top-k", "3", "--tokens-per-candidate",
+            "2048", "--seq-len", "32", "--batch-size", "4", "--eval-every", "4", "--out", str(out)]
+    assert main(args) == 0
+    saved = json.loads((out / "candidates.json").read_text())
+    cands = saved["candidates"]
+    assert len(cands) == 4 and sorted(c["status"] for c in cands) == ["distilled"] * 3 + ["proxied"]
+    assert all(set(c["shape"]) >= {"layers", "hidden", "ffn", "heads", "kv_heads"} for c in cands)
+    done = [c for c in cands if c["status"] == "distilled"]
+    # the three lowest proxy KLs were distilled, the winner has the lowest KL after distillation
+    assert max(c["proxy_kl"] for c in done) <= min(c["proxy_kl"] for c in cands if c["status"] == "proxied")
+    winner = min(done, key=lambda c: c["final_kl"])
+    assert saved["winner"]["index"] == winner["index"]
+    assert saved["kendall_tau"] == pytest.approx(kendalltau([c["proxy_kl"] for c in done],
+                                                            [c["final_kl"] for c in done]).statistic, nan_ok=True)
+    for c in done:  # 16 steps of 4 x 32 tokens; the curve is validation before, at 4, 8, 12, 16
+        assert [p[0] for p in c["curve"]] == [0, 4, 8, 12, 16] and c["metrics"]["tokens"] == 2048
+        assert c["curve"][-1][1] == pytest.approx(c["final_kl"]) and c["final_kl"] < c["curve"][0][1]
+    # the proxy is the KL of the pruned, untrained model on the first proxy_batches x batch_size val blocks
+    val = data.val[:8]
+    with torch.no_grad():
+        for c in cands:
+            row = _row_from_json(c)
+            assert c["proxy_kl"] == pytest.approx(
+                _kl_full_logits(teacher, prune_candidate(teacher, scores, row), val), rel=1e-4)
+    # the saved winner is the distilled model: its KL on the validation blocks is the reported final KL
+    student, _ = load_model(str(out / "winner"))
+    assert student.config.num_hidden_layers == winner["shape"]["layers"]
+    assert student.config.intermediate_size == winner["shape"]["ffn"]
+    assert sum(p.numel() for p in student.parameters()) == winner["params"]
+    with torch.no_grad():
+        assert _kl_full_logits(teacher, student, val) == pytest.approx(winner["final_kl"], rel=1e-3)
+    assert (out / "pareto.png").stat().st_size > 10_000
+    assert "Kendall tau" in capsys.readouterr().out
+    # a second run into the same folder is refused before any work; so is a target above the teacher
+    assert main(args) == 2
+    too_big = [a if a != "100K" else "200K" for a in args[:-1]] + [str(tmp_path / "other")]
+    assert main(too_big) == 2 and not (tmp_path / "other").exists()
+    assert "already holds a search" in capsys.readouterr().err
+
+
+def _row_from_json(c):
+    from minitron.archmath import Shape
+
+    return CandidateRow(c["index"], Shape(**c["shape"]), c["params"], c["kind"],
+                        tuple(c["drop"]) if c["drop"] else None)
