@@ -206,17 +206,15 @@ def _kl_full_logits(teacher, student, blocks):
 
 @pytest.fixture
 def tiny_search_setup(tmp_path, tiny_model, tiny_tokenizer, text_corpus):
-    pytest.importorskip("minitron.prune")
+    importance = pytest.importorskip("minitron.importance")
     pytest.importorskip("minitron.distill.loop")
-    from minitron.importance import compute_importance
-
     from minitron.data import load_token_data
     from minitron.models import save_model
 
     teacher = tiny_model("llama")
     folder = save_model(teacher, tiny_tokenizer, tmp_path / "teacher")
     data = load_token_data(str(text_corpus), tiny_tokenizer, 32, val_fraction=0.2)
-    scores = compute_importance(teacher, data.calibration(16), batch_size=8, val_blocks=data.val[:4])
+    scores = importance.compute_importance(teacher, data.calibration(16), batch_size=8, val_blocks=data.val[:4])
     scores.save(tmp_path / "scores.safetensors")
     return teacher, folder, data, scores, tmp_path / "scores.safetensors"
 
