@@ -6,7 +6,9 @@ proxy (validation KL to the teacher of the pruned, untrained model) only picks w
 the decision is taken after a short distillation (~400 steps in the paper). `kendall_tau` between the two rankings
 measures how much the short distillation changed the order.
 
-The three expensive steps are callables so the orchestration layer (and the tests) can swap them:
+`search` runs three steps that are public for a caller that spreads the work (a Prefect task per candidate):
+`proxy_candidates` (all), `distill_candidate` (one, mapped over the top k), `select` (winner, τ). The expensive
+operations are callables so the orchestration layer (and the tests) can swap them:
   make_candidate(teacher, scores, candidate) -> student      default: prune the teacher to the candidate's shape
   proxy(student) -> float                                    default: `ValidationKL` on a fixed small batch
   short_distill(teacher, student, data, *, tokens, seed, out_dir, callback) -> (student, metrics with "val_kl")
@@ -228,6 +230,72 @@ def _spread(cands: list, n: int) -> list:
     return sorted(out, key=cands.index)  # back to enumeration order (closest to the target first)
 
 
+def _event(on_event, event: str, row: CandidateRow, **extra) -> None:
+    if on_event is not None:
+        on_event({"event": event, **row.to_dict(), **extra})
+
+
+def _fail(on_event, row: CandidateRow, stage: str, err: Exception) -> None:
+    row.status, row.error = "failed", f"{stage}: {type(err).__name__}: {err}"
+    _event(on_event, "failed", row, traceback=traceback.format_exc())
+
+
+def proxy_candidates(teacher, scores, rows: list[CandidateRow], proxy: Callable, *,
+                     make_candidate: Callable = prune_candidate, on_event=None) -> list[CandidateRow]:
+    """Step 1: prune and score every candidate untrained; returns the scored rows, best proxy first."""
+    for row in rows:
+        try:
+            student = make_candidate(teacher, scores, row)
+            row.proxy_kl = _finite(proxy(student), "proxy KL")
+            row.status = "proxied"
+        except Exception as err:  # one broken shape must not end the search
+            _fail(on_event, row, "proxy", err)
+            continue
+        finally:
+            student = None  # free the pruned copy before the next one
+        _event(on_event, "proxy", row)
+    _ranks(rows, "proxy")
+    return sorted((r for r in rows if r.proxy_rank is not None), key=lambda r: r.proxy_rank)
+
+
+def distill_candidate(teacher, scores, data, row: CandidateRow, *, tokens: int, seed: int,
+                      make_candidate: Callable = prune_candidate, short_distill: Callable | None = None,
+                      out_dir: str | Path | None = None, on_event=None):
+    """Step 2 for one candidate (the unit a Prefect task maps over): prune, distil with the shared budget and seed,
+    record the loss curve and final metrics in `row`. Returns the student, or None if the candidate failed."""
+    short_distill = short_distill or ShortDistill()
+    torch.manual_seed(seed)
+    try:
+        student = make_candidate(teacher, scores, row)
+
+        def callback(m: dict) -> None:
+            if m.get("val_kl") is not None:
+                row.curve.append((int(m.get("step", len(row.curve))), float(m["val_kl"])))
+            _event(on_event, "progress", row, metrics_point=m)
+
+        t0 = time.perf_counter()
+        student, metrics = short_distill(teacher, student, data, tokens=tokens, seed=seed,
+                                         out_dir=Path(out_dir) if out_dir is not None else None, callback=callback)
+        row.metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 3)}
+        row.final_kl = _finite(metrics["val_kl"], "validation KL after distillation")
+        row.status = "distilled"
+    except Exception as err:
+        _fail(on_event, row, "distill", err)
+        return None
+    _event(on_event, "distilled", row)
+    return student
+
+
+def select(rows: list[CandidateRow], target_params: int, model=None) -> SearchResult:
+    """Step 3: final ranks, the winner (lowest KL after distillation) and Kendall τ-b between the proxy and final
+    rankings of the distilled candidates (None below two, or when one side is constant)."""
+    _ranks(rows, "final")
+    done = [r for r in rows if r.status == "distilled"]
+    winner = min(done, key=lambda r: r.final_rank) if done else None
+    tau = kendall_tau_b([r.proxy_kl for r in done], [r.final_kl for r in done]) if len(done) >= 2 else None
+    return SearchResult(rows, winner, None if tau is None or math.isnan(tau) else tau, target_params, model)
+
+
 def search(teacher, scores, data, *, target_params: int, tolerance: float = 0.05, top_k: int = 4,
            tokens_per_candidate: int, axes: str = "all", prune_kv_groups: bool = False, proxy_batches: int = 2,
            batch_size: int = 8, max_candidates: int | None = None, seed: int = 0,
@@ -250,69 +318,27 @@ def search(teacher, scores, data, *, target_params: int, tolerance: float = 0.05
         rows = enumerate_rows(teacher.config, target_params, tolerance, axes=axes, prune_kv_groups=prune_kv_groups,
                               max_candidates=max_candidates)
     if proxy is None:
-        n_val = len(data.val)
-        if n_val == 0:
+        if len(data.val) == 0:
             raise UserError("the corpus has no validation blocks: lower --seq-len or raise --val-fraction")
         proxy = ValidationKL(teacher, data.val[: proxy_batches * batch_size], batch_size)
     short_distill = short_distill or ShortDistill(batch_size=batch_size)
-    partial = SearchResult(rows, None, None, target_params)
 
-    def emit(event: str, row: CandidateRow, **extra) -> None:
+    def on_event(e: Event) -> None:
         if on_candidate is not None:
-            on_candidate({"event": event, **row.to_dict(), **extra})
-        if out is not None and event != "progress":
-            _write_json(out / "candidates.json", partial.to_dict())
+            on_candidate(e)
+        if out is not None and e["event"] != "progress":
+            _write_json(out / "candidates.json", SearchResult(rows, None, None, target_params).to_dict())
 
-    def fail(row: CandidateRow, stage: str, err: Exception) -> None:
-        row.status, row.error = "failed", f"{stage}: {type(err).__name__}: {err}"
-        emit("failed", row, traceback=traceback.format_exc())
-
-    # 1. proxy: every candidate pruned and scored, untrained
-    for row in rows:
-        try:
-            student = make_candidate(teacher, scores, row)
-            row.proxy_kl = _finite(proxy(student), "proxy KL")
-            row.status = "proxied"
-        except Exception as err:  # one broken shape must not end the search
-            fail(row, "proxy", err)
-            continue
-        finally:
-            student = None  # free the pruned copy before the next one
-        emit("proxy", row)
-    _ranks(rows, "proxy")
-
-    # 2. the same short distillation for the top k by proxy; keep only the best student in memory
-    selected = sorted((r for r in rows if r.proxy_rank is not None), key=lambda r: r.proxy_rank)[:top_k]
-    best_model, best_kl = None, math.inf
-    for row in selected:
-        torch.manual_seed(seed)
-        try:
-            student = make_candidate(teacher, scores, row)
-
-            def callback(m: dict, row=row) -> None:
-                if "val_kl" in m:
-                    row.curve.append((int(m.get("step", len(row.curve))), float(m["val_kl"])))
-                emit("progress", row, metrics_point=m)
-
-            t0 = time.perf_counter()
-            student, metrics = short_distill(teacher, student, data, tokens=tokens_per_candidate, seed=seed,
-                                             out_dir=out / row.name if out is not None else None, callback=callback)
-            row.metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 3)}
-            row.final_kl = _finite(metrics["val_kl"], "validation KL after distillation")
-            row.status = "distilled"
-        except Exception as err:
-            fail(row, "distill", err)
-            continue
-        if row.final_kl < best_kl:
+    ranked = proxy_candidates(teacher, scores, rows, proxy, make_candidate=make_candidate, on_event=on_event)
+    best_model, best_kl = None, math.inf  # only the best student stays in memory
+    for row in ranked[:top_k]:
+        student = distill_candidate(teacher, scores, data, row, tokens=tokens_per_candidate, seed=seed,
+                                    make_candidate=make_candidate, short_distill=short_distill,
+                                    out_dir=out / row.name if out is not None else None, on_event=on_event)
+        if student is not None and row.final_kl < best_kl:
             best_model, best_kl = student, row.final_kl
         student = None
-        emit("distilled", row)
-    _ranks(rows, "final")
-
-    done = [r for r in rows if r.status == "distilled"]
-    winner = min(done, key=lambda r: r.final_rank) if done else None
-    tau = kendall_tau_b([r.proxy_kl for r in done], [r.final_kl for r in done]) if len(done) >= 2 else None
-    result = SearchResult(rows, winner, None if tau is None or math.isnan(tau) else tau, target_params, best_model)
+    result = select(rows, target_params, best_model)
     if out is not None:
         _write_json(out / "candidates.json", result.to_dict())
     return result
