@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup demo test lint clean
+.PHONY: setup tools demo test lint clean
 
 setup: $(STAMP)
 
@@ -21,10 +21,18 @@ $(STAMP): pyproject.toml
 	$(PY) -c "from minitron.data import shakespeare_dir; print('corpus:', shakespeare_dir())"
 	touch $@
 
+# Debian packages for the browser and compose checks (headless Chromium, the docker-compose client). Installed
+# when missing and we are root (CI is); elsewhere those tests skip with a message naming the package.
+tools:
+	@command -v chromium >/dev/null && command -v docker-compose >/dev/null || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium docker-compose >/dev/null; \
+	  else echo "note: install chromium and docker-compose for the browser and compose tests"; fi
+
 demo: setup
 	$(VENV)/bin/minitron run --config configs/demo-cpu.yaml
 
-test: setup
+test: setup tools
 	$(PY) -m pytest
 
 lint: setup

@@ -14,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from minitron.models import make_byte_tokenizer, save_model  # noqa: E402
 
+pytest_plugins = ["tests.services"]  # real local services: moto S3, mlflow server (see tests/services.py)
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 # GQA with 2 query heads per KV group, explicit head_dim, 4 layers: every slicing bug shows up at this size.

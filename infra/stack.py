@@ -1,0 +1,469 @@
+"""`minitron stack up|down|status`: the local service stack on one machine, no containers.
+
+  s3       moto server: an in-memory S3 endpoint (data does NOT survive `stack down`; compose has a real store)
+  mlflow   `mlflow server`, SQLite backend, artifacts proxied to s3://minitron-artifacts/mlflow, basic-auth app
+  prefect  `prefect server start`, SQLite under PREFECT_HOME, basic auth
+
+Everything lives under one state folder (default `.minitron/stack` in the cwd, or $MINITRON_HOME): logs, PID files,
+PREFECT_HOME, the MLflow and auth databases, and `.env` with the credentials (generated on the first `up`, printed
+once, mode 0600; variables already in the environment win). The names of buckets, ports and environment variables
+are the ones docker-compose.yml uses, so a client configured for one works against the other.
+
+Services run in their own process group and are stopped by PID: SIGINT, a grace period, then SIGKILL of the group.
+"""
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minitron.errors import UserError
+
+ARTIFACT_BUCKET = "minitron-artifacts"  # MLflow artifacts (plots, tables, configs): --artifacts-destination
+CHECKPOINT_BUCKET = "minitron-checkpoints"  # model checkpoints written by tasks/storage.py
+CHECKPOINT_STORE = f"s3://{CHECKPOINT_BUCKET}/runs"
+DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "prefect": 4200}  # same as docker-compose.yml
+START_TIMEOUT = 120.0  # seconds a service may take to pass its health check (Prefect migrates its DB on first run)
+STOP_GRACE = 15.0  # seconds between SIGINT and SIGKILL
+
+# Credentials: name → how to generate a default. Clients and servers read the same variable names in compose.
+SECRET_NAMES = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+    "PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING",
+    "POSTGRES_PASSWORD",
+)
+
+
+def state_dir(path: str | Path | None = None) -> Path:
+    return Path(path or os.environ.get("MINITRON_HOME") or Path.cwd() / ".minitron" / "stack").resolve()
+
+
+# -- credentials ---------------------------------------------------------------------------------------------------
+def _generate_credentials() -> dict[str, str]:
+    mlflow_pw, prefect_pw = secrets.token_urlsafe(18), secrets.token_urlsafe(18)  # 24 chars ≥ MLflow's minimum 12
+    return {
+        "AWS_ACCESS_KEY_ID": "minitron" + secrets.token_hex(4),
+        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": mlflow_pw,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": mlflow_pw,
+        "PREFECT_SERVER_API_AUTH_STRING": f"admin:{prefect_pw}",
+        "PREFECT_API_AUTH_STRING": f"admin:{prefect_pw}",
+        "POSTGRES_PASSWORD": secrets.token_urlsafe(18),  # only docker-compose uses it; kept so one .env serves both
+    }
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    values = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, value = line.split("=", 1)
+                values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def load_credentials(state: Path, *, create: bool = True) -> tuple[dict[str, str], bool]:
+    """Credentials from the environment, else `<state>/.env`, else generated into it (0600). → (values, generated)."""
+    path = state / ".env"
+    stored = read_env_file(path)
+    generated = False
+    missing = [k for k in SECRET_NAMES if k not in stored]
+    if missing and create:
+        fresh = _generate_credentials()
+        stored.update({k: fresh[k] for k in missing})
+        state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("# minitron stack credentials (generated; keep private). Also usable as docker compose --env-file.\n")
+            f.writelines(f"{k}={stored[k]}\n" for k in SECRET_NAMES)
+        os.chmod(path, 0o600)
+        generated = True
+    return {k: os.environ.get(k) or stored.get(k, "") for k in SECRET_NAMES}, generated
+
+
+# -- processes -------------------------------------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _start_time(pid: int) -> str | None:
+    """Kernel start time of a process: guards against signalling a recycled PID."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+@dataclass
+class Proc:
+    """A started service: its PID record lives in <state>/pids/<name>.json."""
+
+    name: str
+    pid: int
+    url: str  # what users open / clients point at
+    health: str  # URL that answers 200 when the service is ready
+    start: str | None = None
+    log: str = ""
+    popen: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        try:  # reap it if it is our own exited child (a zombie still answers kill(pid, 0))
+            if os.waitpid(self.pid, os.WNOHANG)[0]:
+                return False
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return self.start is None or _start_time(self.pid) in (None, self.start)
+
+    def record(self) -> dict:
+        return {"name": self.name, "pid": self.pid, "url": self.url, "health": self.health, "start": self.start,
+                "log": self.log}
+
+
+def spawn(name: str, cmd: list[str], env: dict[str, str], state: Path, url: str, health: str) -> Proc:
+    """Start cmd in its own process group (so a stop reaches its workers), logging to <state>/logs/<name>.log."""
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    log_path = state / "logs" / f"{name}.log"
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(cmd, env=env, cwd=state, stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+    return Proc(name, popen.pid, url, health, _start_time(popen.pid), str(log_path), popen)
+
+
+def _tail(path: str, n: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def http_status(url: str, headers: dict | None = None, timeout: float = 3.0, method: str = "GET",
+                data: bytes | None = None) -> int | None:
+    """HTTP status of a request, or None when nothing answers."""
+    request = urllib.request.Request(url, headers=headers or {}, method=method, data=data)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def wait_healthy(procs: list[Proc], timeout: float = START_TIMEOUT) -> None:
+    """Wait until every service answers 200 on its health URL; a dead process fails at once, with its log."""
+    deadline = time.monotonic() + timeout
+    pending = list(procs)
+    while pending:
+        for proc in list(pending):
+            if not proc.alive():
+                raise UserError(f"{proc.name} exited during start-up; its log ({proc.log}) ends with:\n{_tail(proc.log)}")
+            if http_status(proc.health, timeout=2) == 200:
+                pending.remove(proc)
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(p.name for p in pending)
+            raise UserError(f"{names} not healthy after {timeout:.0f}s; see {pending[0].log}:\n{_tail(pending[0].log)}")
+        if pending:
+            time.sleep(0.5)
+
+
+def stop(proc: Proc, grace: float = STOP_GRACE) -> None:
+    """SIGINT to the process group (uvicorn and `serve` shut down cleanly on it), then SIGKILL after grace."""
+    if not proc.alive():
+        return
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    os.killpg(pgid, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc.popen is not None:
+            proc.popen.poll()
+        if not proc.alive():
+            break
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)  # stragglers in the group (workers) even when the leader exited
+    except ProcessLookupError:
+        pass
+    if proc.popen is not None:
+        proc.popen.wait(timeout=5)
+
+
+# -- the three services ------------------------------------------------------------------------------------------
+def _base_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    env.update(extra)
+    return env
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def start_s3(state: Path, host: str, port: int) -> Proc:
+    url = f"http://{_client_host(host)}:{port}"
+    cmd = [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
+    return spawn("s3", cmd, _base_env({}), state, url, f"{url}/moto-api/")
+
+
+def create_buckets(endpoint: str, creds: dict[str, str], buckets=(ARTIFACT_BUCKET, CHECKPOINT_BUCKET)) -> None:
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=creds["AWS_ACCESS_KEY_ID"], aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+                          config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                                        response_checksum_validation="when_required"))
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    for bucket in buckets:
+        if bucket not in existing:
+            client.create_bucket(Bucket=bucket)
+
+
+def start_mlflow(state: Path, host: str, port: int, s3_url: str, creds: dict[str, str], *, auth: bool = True) -> Proc:
+    folder = state / "mlflow"
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {
+        "MLFLOW_S3_ENDPOINT_URL": s3_url,
+        "AWS_ACCESS_KEY_ID": creds["AWS_ACCESS_KEY_ID"],
+        "AWS_SECRET_ACCESS_KEY": creds["AWS_SECRET_ACCESS_KEY"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no background job runner: one worker, no huey processes
+    }
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+           "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/mlflow"]
+    if auth:
+        ini = folder / "basic_auth.ini"
+        # The default ini keeps its user DB in the cwd; ours lives in the state folder. Authenticated users can read
+        # everything; writes need the admin (or an explicitly granted user). No password here: it comes from env.
+        ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                       f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env.update({
+            "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+            "MLFLOW_AUTH_ADMIN_USERNAME": creds["MLFLOW_AUTH_ADMIN_USERNAME"],
+            "MLFLOW_AUTH_ADMIN_PASSWORD": creds["MLFLOW_AUTH_ADMIN_PASSWORD"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": creds["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+        })
+        cmd += ["--app-name", "basic-auth"]
+    if host not in ("127.0.0.1", "localhost"):  # MLflow only trusts localhost + private IPs in Host headers by default
+        cmd += ["--allowed-hosts", f"{host},{host}:{port},localhost,localhost:{port},127.0.0.1,127.0.0.1:{port}"]
+    url = f"http://{_client_host(host)}:{port}"
+    return spawn("mlflow", cmd, _base_env(env), state, url, f"{url}/health")
+
+
+def start_prefect(state: Path, host: str, port: int, creds: dict[str, str]) -> Proc:
+    env = {
+        "PREFECT_HOME": str(state / "prefect"),
+        "PREFECT_SERVER_API_AUTH_STRING": creds["PREFECT_SERVER_API_AUTH_STRING"],
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": f"http://{_client_host(host)}:{port}/api",
+    }
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    url = f"http://{_client_host(host)}:{port}"
+    return spawn("prefect", cmd, _base_env(env), state, url, f"{url}/api/health")
+
+
+# -- up / down / status --------------------------------------------------------------------------------------------
+ORDER = ("s3", "mlflow", "prefect")  # start order; stop goes in reverse
+
+
+def _pid_dir(state: Path) -> Path:
+    return state / "pids"
+
+
+def _load_procs(state: Path) -> dict[str, Proc]:
+    procs = {}
+    for name in ORDER:
+        path = _pid_dir(state) / f"{name}.json"
+        if path.is_file():
+            rec = json.loads(path.read_text())
+            procs[name] = Proc(rec["name"], rec["pid"], rec["url"], rec["health"], rec.get("start"), rec.get("log", ""))
+    return procs
+
+
+def _save(state: Path, proc: Proc) -> None:
+    _pid_dir(state).mkdir(parents=True, exist_ok=True)
+    (_pid_dir(state) / f"{proc.name}.json").write_text(json.dumps(proc.record()))
+
+
+def client_env(urls: dict[str, str], creds: dict[str, str] | None = None) -> dict[str, str]:
+    """What clients (flows, workers, `minitron run`) export to use the stack; secrets only when creds is given."""
+    env = {
+        "MLFLOW_TRACKING_URI": urls["mlflow"],
+        "PREFECT_API_URL": f"{urls['prefect']}/api",
+        "AWS_ENDPOINT_URL_S3": urls["s3"],
+        "MLFLOW_S3_ENDPOINT_URL": urls["s3"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MINITRON_CHECKPOINT_STORE": CHECKPOINT_STORE,
+    }
+    if creds:
+        env.update({k: creds[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME",
+                                         "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")})
+    return env
+
+
+@dataclass
+class Stack:
+    state: Path
+    procs: dict[str, Proc]
+    env: dict[str, str]  # the full client environment, credentials included
+    generated: bool  # credentials were generated by this call
+
+
+def stack_up(state: str | Path | None = None, *, host: str = "127.0.0.1", ports: dict[str, int] | None = None,
+             timeout: float = START_TIMEOUT, out=print) -> Stack:
+    """Start s3 → buckets → mlflow + prefect (in parallel), wait for health; on any failure stop what started."""
+    state = state_dir(state)
+    state.mkdir(parents=True, exist_ok=True)
+    running = {n: p for n, p in _load_procs(state).items() if p.alive()}
+    if running:
+        raise UserError(f"the stack in {state} is already running ({', '.join(running)}): `minitron stack down` first")
+    ports = {**DEFAULT_PORTS, **(ports or {})}
+    for name in ORDER:
+        if not _port_free(host, ports[name]):
+            raise UserError(f"port {ports[name]} on {host} ({name}) is in use: stop what holds it or pick another port")
+    creds, generated = load_credentials(state)
+    if generated:  # shown now, whatever happens next: this is the only time they are printed
+        out(f"generated credentials (shown once; stored in {state / '.env'}, mode 0600):")
+        out(f"  MLflow  user {creds['MLFLOW_AUTH_ADMIN_USERNAME']}  password {creds['MLFLOW_AUTH_ADMIN_PASSWORD']}")
+        user, _, password = creds["PREFECT_SERVER_API_AUTH_STRING"].partition(":")
+        out(f"  Prefect user {user}  password {password}")
+    started: list[Proc] = []
+    try:
+        s3 = start_s3(state, host, ports["s3"])
+        started.append(s3)
+        _save(state, s3)
+        wait_healthy([s3], timeout)
+        create_buckets(s3.url, creds)
+        ml = start_mlflow(state, host, ports["mlflow"], s3.url, creds)
+        started.append(ml)
+        _save(state, ml)
+        pf = start_prefect(state, host, ports["prefect"], creds)
+        started.append(pf)
+        _save(state, pf)
+        wait_healthy([ml, pf], timeout)
+    except BaseException:
+        for proc in reversed(started):
+            stop(proc)
+            (_pid_dir(state) / f"{proc.name}.json").unlink(missing_ok=True)
+        raise
+    procs = {p.name: p for p in started}
+    urls = {n: p.url for n, p in procs.items()}
+    env = client_env(urls, creds)
+    (state / "client.env").write_text("".join(f"export {k}={v}\n" for k, v in client_env(urls).items()))
+    out(f"stack up in {state}")
+    for name, proc in procs.items():
+        out(f"  {name:8s} {proc.url}  (pid {proc.pid}, log {proc.log})")
+    out("environment for clients:")
+    for key, value in client_env(urls).items():
+        out(f"  export {key}={value}")
+    out(f"  set -a; . {state / '.env'}; set +a   # credentials")
+    return Stack(state, procs, env, generated)
+
+
+def stack_down(state: str | Path | None = None, *, out=print) -> list[str]:
+    """Stop every recorded service, newest first. Returns the names that were running."""
+    state = state_dir(state)
+    stopped = []
+    procs = _load_procs(state)
+    for name in reversed(ORDER):
+        proc = procs.get(name)
+        if proc is None:
+            continue
+        if proc.alive():
+            stop(proc)
+            stopped.append(name)
+        (_pid_dir(state) / f"{name}.json").unlink()
+    out(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    return stopped
+
+
+def stack_status(state: str | Path | None = None, *, out=print) -> dict[str, dict]:
+    """name → {running, healthy, url, pid} for each recorded service."""
+    state = state_dir(state)
+    report = {}
+    for name, proc in _load_procs(state).items():
+        alive = proc.alive()
+        healthy = alive and http_status(proc.health, timeout=2) == 200
+        report[name] = {"running": alive, "healthy": healthy, "url": proc.url, "pid": proc.pid}
+        out(f"  {name:8s} {'healthy' if healthy else 'running' if alive else 'stopped'}  {proc.url}  pid {proc.pid}")
+    if not report:
+        out(f"no stack recorded in {state}")
+    return report
+
+
+def basic_auth_header(user_colon_password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + b64encode(user_colon_password.encode()).decode()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["up", "down", "status"], help="start, stop or inspect the local services")
+    parser.add_argument("--state", default=None, help="state folder (default $MINITRON_HOME or ./.minitron/stack)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but 127.0.0.1 exposes the stack")
+    for name, port in DEFAULT_PORTS.items():
+        parser.add_argument(f"--{name}-port", type=int, default=port, help=f"{name} port (default {port})")
+
+
+def run_stack(args: argparse.Namespace) -> int:
+    if args.action == "up":
+        ports = {name: getattr(args, f"{name}_port") for name in DEFAULT_PORTS}
+        stack_up(args.state, host=args.host, ports=ports)
+    elif args.action == "down":
+        stack_down(args.state)
+    else:
+        report = stack_status(args.state)
+        return 0 if report and all(r["healthy"] for r in report.values()) else 1
+    return 0
+
+
+def main_stack(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="minitron stack", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    try:
+        return run_stack(parser.parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main_stack())

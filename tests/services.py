@@ -1,0 +1,170 @@
+"""Session fixtures that start REAL local services on free ports: a moto S3 server and an `mlflow server`.
+
+Plugged in from tests/conftest.py with `pytest_plugins = ["tests.services"]`. They reuse the start-up code of the
+local stack (infra/stack.py), so the tests exercise the same commands users run.
+"""
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from infra import stack
+
+FAKE_CREDS = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret-value"}
+
+
+@dataclass
+class S3Endpoint:
+    url: str
+    artifact_bucket: str
+    checkpoint_bucket: str
+
+    def client(self, **kwargs):
+        from tasks.storage import s3_client
+
+        return s3_client(self.url, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """moto server over HTTP with the stack's two buckets; fake credentials exported for the session (so no test
+    can reach real AWS), endpoint NOT exported (use `s3_env` for that)."""
+    saved = {k: os.environ.get(k) for k in [*FAKE_CREDS, "AWS_DEFAULT_REGION"]}
+    os.environ.update(FAKE_CREDS, AWS_DEFAULT_REGION="us-east-1")
+    state = tmp_path_factory.mktemp("s3")
+    proc = stack.start_s3(state, "127.0.0.1", stack.free_port())
+    try:
+        stack.wait_healthy([proc], timeout=60)
+        stack.create_buckets(proc.url, FAKE_CREDS)
+        yield S3Endpoint(proc.url, stack.ARTIFACT_BUCKET, stack.CHECKPOINT_BUCKET)
+    finally:
+        stack.stop(proc)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    """Point boto3 (AWS_ENDPOINT_URL_S3) and MLflow's artifact client at the moto server for one test."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint.url)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_endpoint.url)
+    return s3_endpoint
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    s3: S3Endpoint
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_endpoint, tmp_path_factory):
+    """`mlflow server --workers 1`, SQLite backend, artifacts proxied to s3://minitron-artifacts/mlflow on moto.
+    No auth here (the stack test covers the authenticated server)."""
+    state = tmp_path_factory.mktemp("mlflow")
+    proc = stack.start_mlflow(state, "127.0.0.1", stack.free_port(), s3_endpoint.url, FAKE_CREDS, auth=False)
+    try:
+        stack.wait_healthy([proc], timeout=120)
+        yield MlflowServer(proc.url, s3_endpoint)
+    finally:
+        stack.stop(proc)
+
+
+class FlakyProxy:
+    """A TCP proxy to `upstream` that can go down mid-transfer: `fail_after(n_bytes, seconds)` forwards n more bytes
+    client→server, then cuts every open connection and refuses new ones (accept, close) for `seconds`
+    (float('inf'): for good). `on_outage` is called once when the outage starts."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.lock = threading.Lock()
+        self.conns: list[socket.socket] = []
+        self.budget = float("inf")  # bytes still allowed before the outage
+        self.outage_seconds = 0.0
+        self.down_until = 0.0
+        self.outages = 0
+        self.refused = 0
+        self.on_outage = None
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def fail_after(self, n_bytes: int, seconds: float, on_outage=None) -> None:
+        with self.lock:
+            self.budget, self.outage_seconds, self.on_outage = n_bytes, seconds, on_outage
+
+    def _now(self):
+        return time.monotonic()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self._now() < self.down_until:
+                self.refused += 1
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src, dst, counted):
+        try:
+            while data := src.recv(65536):
+                if counted:
+                    with self.lock:
+                        if len(data) >= self.budget:  # the outage hits in the middle of this request
+                            self._outage()
+                            return
+                        self.budget -= len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _outage(self):  # called with the lock held
+        self.budget = float("inf")
+        self.down_until = self._now() + self.outage_seconds
+        self.outages += 1
+        callback, self.on_outage = self.on_outage, None
+        for s in self.conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.conns.clear()
+        if callback:
+            callback()
+
+    def close(self):
+        self.closed = True
+        self.server.close()
+        with self.lock:
+            self.budget = float("inf")
+            for s in self.conns:
+                try:
+                    s.close()
+                except OSError:
+                    pass

@@ -1,0 +1,137 @@
+"""`minitron stack`: the real services, authenticated, started once for this module on free ports."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from infra import stack
+from minitron.errors import UserError
+
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    state = tmp_path_factory.mktemp("stack")
+    ports = {name: stack.free_port() for name in stack.DEFAULT_PORTS}
+    lines: list[str] = []
+    running = stack.stack_up(state, ports=ports, out=lines.append)
+    try:
+        yield running, lines
+    finally:
+        stack.stack_down(state, out=lambda _: None)
+
+
+def test_up_prints_urls_env_and_credentials_once(up):
+    running, lines = up
+    text = "\n".join(lines)
+    for name in ("s3", "mlflow", "prefect"):
+        assert running.procs[name].url in text
+    assert f"export PREFECT_API_URL={running.procs['prefect'].url}/api" in text
+    assert f"export MLFLOW_TRACKING_URI={running.procs['mlflow'].url}" in text
+    assert running.generated and running.env["MLFLOW_TRACKING_PASSWORD"] in text
+    env_file = running.state / ".env"
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert stack.read_env_file(env_file)["MLFLOW_AUTH_ADMIN_PASSWORD"] == running.env["MLFLOW_TRACKING_PASSWORD"]
+    assert running.env["MLFLOW_TRACKING_PASSWORD"] not in (running.state / "client.env").read_text()
+    # all services bound to loopback only
+    for proc in running.procs.values():
+        assert proc.url.startswith("http://127.0.0.1:")
+
+
+def test_status_reports_healthy(up):
+    running, _ = up
+    report = stack.stack_status(running.state, out=lambda _: None)
+    assert {n: (r["running"], r["healthy"]) for n, r in report.items()} == {
+        "s3": (True, True), "mlflow": (True, True), "prefect": (True, True)}
+    cli = subprocess.run([sys.executable, "-m", "infra.stack", "status", "--state", str(running.state)],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(stack.__file__)))
+    assert cli.returncode == 0 and cli.stdout.count("healthy") == 3
+
+
+def test_second_up_refused(up):
+    running, _ = up
+    with pytest.raises(UserError, match="already running"):
+        stack.stack_up(running.state, out=lambda _: None)
+
+
+def test_buckets_created(up, monkeypatch):
+    running, _ = up
+    from tasks.storage import check_store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", running.env["AWS_ACCESS_KEY_ID"])
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    with pytest.raises(UserError, match="incomplete"):
+        check_store(f"s3://{stack.CHECKPOINT_BUCKET}/x", endpoint_url=running.procs["s3"].url)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", running.env["AWS_SECRET_ACCESS_KEY"])
+    for bucket in (stack.ARTIFACT_BUCKET, stack.CHECKPOINT_BUCKET):
+        check_store(f"s3://{bucket}/x", endpoint_url=running.procs["s3"].url)
+
+
+def test_mlflow_auth(up):
+    running, _ = up
+    api = f"{running.procs['mlflow'].url}/api/2.0/mlflow/experiments/search?max_results=1"
+    user, password = running.env["MLFLOW_TRACKING_USERNAME"], running.env["MLFLOW_TRACKING_PASSWORD"]
+    assert stack.http_status(api) == 401
+    assert stack.http_status(api, stack.basic_auth_header(f"{user}:wrong-password-123")) == 401
+    assert stack.http_status(api, stack.basic_auth_header(f"{user}:{password}")) == 200
+    assert stack.http_status(f"{running.procs['mlflow'].url}/") == 401  # the UI too
+
+
+def test_mlflow_client_logs_through_auth(up, monkeypatch):
+    from tasks import tracking
+
+    running, _ = up
+    uri = running.procs["mlflow"].url
+    with pytest.raises(UserError, match="refused the credentials"):
+        tracking.check_tracking(uri)
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, running.env[key])
+    tracking.check_tracking(uri)
+    with tracking.parent_run("stack", "auth", params={"a": 1}, tracking_uri=uri) as run:
+        run.log_dict({"password": running.env["MLFLOW_TRACKING_PASSWORD"]}, "config.json")
+    dump = tracking.dump_run(run.run_id, tracking_uri=uri)
+    assert "config.json" in dump and running.env["MLFLOW_TRACKING_PASSWORD"] not in dump
+
+
+def test_prefect_auth_and_flow_run(up):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    running, _ = up
+    api = f"{running.procs['prefect'].url}/api"
+    assert stack.http_status(f"{api}/health") == 200  # probes stay open
+    assert stack.http_status(f"{api}/admin/version") == 401
+    assert stack.http_status(f"{api}/admin/version", stack.basic_auth_header("admin:wrong")) == 401
+    assert stack.http_status(f"{api}/admin/version",
+                             stack.basic_auth_header(running.env["PREFECT_API_AUTH_STRING"])) == 200
+
+    @flow(name="stack-smoke")
+    def smoke(x: int) -> int:
+        return x + 1
+
+    with temporary_settings({PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: running.env["PREFECT_API_AUTH_STRING"]}):
+        assert smoke(41) == 42
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs()
+    assert [(r.name != "", r.state.type.value) for r in runs] == [(True, "COMPLETED")]
+
+
+def test_down_leaves_no_process(up):
+    """Runs last: down stops every process of every group, frees the ports; credentials stay for the next up."""
+    running, _ = up
+    groups = {os.getpgid(proc.pid) for proc in running.procs.values()}
+    ports = [int(proc.url.rsplit(":", 1)[1]) for proc in running.procs.values()]
+    assert stack.stack_down(running.state, out=lambda _: None) == ["prefect", "mlflow", "s3"]
+    table = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True).stdout.splitlines()
+    assert not [row for row in table if int(row.split()[1]) in groups and not row.split()[2].startswith("Z")]
+    assert all(stack._port_free("127.0.0.1", port) for port in ports)
+    assert not list((running.state / "pids").glob("*.json"))
+    assert stack.stack_status(running.state, out=lambda _: None) == {}
+    assert stack.stack_down(running.state, out=lambda _: None) == []
+    creds, generated = stack.load_credentials(running.state)  # the next up reuses them and prints none
+    assert not generated and creds["MLFLOW_AUTH_ADMIN_PASSWORD"] == running.env["MLFLOW_TRACKING_PASSWORD"]
