@@ -189,7 +189,7 @@ class ShortDistill:
         with tempfile.TemporaryDirectory(prefix="minitron-search-") as tmp:
             result = distill(teacher, student, data, cfg, out_dir=out_dir or tmp, tokenizer=self.tokenizer,
                              callback=callback)
-        return student, {"val_kl": result.last_val_kl, "val_ce": result.last_val["val_ce"],
+        return student.eval(), {"val_kl": result.last_val_kl, "val_ce": result.last_val["val_ce"],
                          "val_kl_before": result.first_val_kl, "steps": result.steps, "tokens": result.tokens,
                          "tokens_per_s": result.metrics.get("tokens_per_s")}
 

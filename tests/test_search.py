@@ -288,3 +288,23 @@ def _row_from_json(c):
 
     return CandidateRow(c["index"], Shape(**c["shape"]), c["params"], c["kind"],
                         tuple(c["drop"]) if c["drop"] else None)
+
+
+def test_cli_iterative_targets_rescore_each_winner(tiny_search_setup, text_corpus, tmp_path):
+    from minitron.cli import main
+    from minitron.models import load_model
+
+    _, folder, _, _, scores_path = tiny_search_setup
+    out = tmp_path / "iter"
+    assert main(["search", str(folder), "--scores", str(scores_path), "--data", str(text_corpus), "--val-fraction",
+                 "0.2", "--target-params", "130K,100K", "--tolerance", "0.1", "--top-k", "1", "--max-candidates",
+                 "2", "--tokens-per-candidate", "256", "--seq-len", "32", "--batch-size", "4", "--calib-samples",
+                 "8", "--out", str(out)]) == 0
+    first = json.loads((out / "step1-130000" / "candidates.json").read_text())
+    second = json.loads((out / "step2-100000" / "candidates.json").read_text())
+    # step 2 prunes step 1's winner: its shapes never exceed the winner's
+    w = first["winner"]["shape"]
+    assert all(c["shape"][k] <= w[k] for c in second["candidates"] for k in ("layers", "hidden", "ffn", "heads"))
+    assert all(abs(c["params"] - 100_000) <= 10_000 for c in second["candidates"])
+    final, _ = load_model(str(out / "step2-100000" / "winner"))
+    assert sum(p.numel() for p in final.parameters()) == second["winner"]["params"]
