@@ -195,6 +195,21 @@ def test_enumeration_is_exactly_the_shapes_within_budget(tiny_model, target, tol
     assert len(got) == len(shapes) + len(depth)
 
 
+def test_enumeration_skips_shapes_the_config_class_rejects(tiny_model):
+    """LlamaConfig (not MistralConfig) rejects hidden % heads != 0 even with an explicit head_dim; the two families
+    count parameters identically, so Llama's candidates are exactly Mistral's with divisible hidden sizes."""
+    pytest.importorskip("minitron.archmath")
+    from minitron.search import enumerate_rows
+
+    wide = dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+    shapes = {}
+    for family in ("llama", "mistral"):
+        config = tiny_model(family, **wide).config
+        shapes[family] = {(r.shape, r.params) for r in enumerate_rows(config, 150_000, 0.3)}
+    assert any(s.hidden % s.heads for s, _ in shapes["mistral"])  # the case exists
+    assert shapes["llama"] == {(s, p) for s, p in shapes["mistral"] if s.hidden % s.heads == 0}
+
+
 def _kl_full_logits(teacher, student, blocks):
     """Mean per-token KL(teacher ‖ student) from full logits, the reference for the proxy."""
     import torch.nn.functional as F
@@ -264,7 +279,8 @@ def test_cli_search_end_to_end(tiny_search_setup, text_corpus, tmp_path, capsys)
     val = data.val[:8]
     with torch.no_grad():
         for c in cands:
-            row = _row_from_json(c)
+            row = CandidateRow.from_dict(c)
+            assert row.to_dict() == c
             assert c["proxy_kl"] == pytest.approx(
                 _kl_full_logits(teacher, prune_candidate(teacher, scores, row), val), rel=1e-4)
     # the saved winner is the distilled model: its KL on the validation blocks is the reported final KL
@@ -281,13 +297,6 @@ def test_cli_search_end_to_end(tiny_search_setup, text_corpus, tmp_path, capsys)
     too_big = [a if a != "100K" else "200K" for a in args[:-1]] + [str(tmp_path / "other")]
     assert main(too_big) == 2 and not (tmp_path / "other").exists()
     assert "already holds a search" in capsys.readouterr().err
-
-
-def _row_from_json(c):
-    from minitron.archmath import Shape
-
-    return CandidateRow(c["index"], Shape(**c["shape"]), c["params"], c["kind"],
-                        tuple(c["drop"]) if c["drop"] else None)
 
 
 def test_cli_iterative_targets_rescore_each_winner(tiny_search_setup, text_corpus, tmp_path):
