@@ -79,8 +79,8 @@ class CompressConfig(BaseModel):
     seq_agg: Literal["mean", "l2", "var"] = Field("mean", description="Aggregation of activations over the "
                                                   "sequence (papers' best: mean).")
     batch_agg: Literal["l2", "mean", "var"] = Field("l2", description="Aggregation over samples (papers' best: l2).")
-    layer_metric: Literal["loss", "block_influence"] = Field("loss", description="Layer ranking for depth pruning: "
-                                                             "LM-loss increase when skipped, or Block Influence.")
+    layer_metric: Literal["loss", "bi"] = Field("loss", description="Layer ranking for depth pruning: LM-loss "
+                                                "increase when the layer is skipped, or Block Influence (bi).")
 
     # --- target (stage 3) --------------------------------------------------------------------------------------
     target_params: Count = Field("55%", description="Student size: parameters (70M, 4.5B), a percentage of the "
@@ -100,6 +100,8 @@ class CompressConfig(BaseModel):
     # --- stage switches and budgets (tokens) ---------------------------------------------------------------------
     correct_teacher: bool = Field(True, description="Stage 1: fine-tune the teacher on the corpus first.")
     correction_tokens: Count = Field("1M", description="Teacher-correction budget in tokens.")
+    search_max_candidates: int = Field(24, ge=1, description="Shapes scored by the proxy at most (spread evenly "
+                                       "over width, depth and mixed shapes).")
     search_top_k: int = Field(4, ge=1, le=16, description="Candidates that get a short distillation.")
     search_tokens: Count = Field("1M", description="Short-distillation budget per candidate, in tokens.")
     proxy_batches: int = Field(2, ge=1, description="Validation batches for the cheap proxy (KL of the untrained "
@@ -134,6 +136,12 @@ class CompressConfig(BaseModel):
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
     compile: bool = Field(False, description="torch.compile the student and teacher (GPU).")
     nproc: int = Field(1, ge=1, description="GPUs per distillation: >1 runs it under torchrun.")
+    queue_timeout_min: int = Field(720, ge=1, description="Minutes a stage waits for this machine's GPU (or CPU) "
+                                   "while another run holds it, before failing.")
+    stage_timeout_hours: float | None = Field(None, gt=0, description="A stage running longer than this is "
+                                              "stopped (its last checkpoint stays); empty = no limit.")
+    resume: bool = Field(True, description="Reuse stages a previous run of the same config finished (off: "
+                         "recompute every stage).")
 
     # --- where results go ---------------------------------------------------------------------------------------
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; empty = local SQLite under "

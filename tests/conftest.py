@@ -16,7 +16,7 @@ from minitron.models import make_byte_tokenizer, save_model  # noqa: E402
 
 pytest_plugins = ["tests.services"]  # real local services: moto S3, mlflow server (see tests/services.py)
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron")
 
 # GQA with 2 query heads per KV group, explicit head_dim, 4 layers: every slicing bug shows up at this size.
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -24,9 +24,10 @@ TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_la
 
 
 def tiny_config(family: str, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, NemotronConfig, Qwen2Config, Qwen3Config
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+           "nemotron": NemotronConfig}[family]
     kwargs = dict(TINY, eos_token_id=256, bos_token_id=256, pad_token_id=256)
     kwargs.update(overrides)
     return cls(**kwargs)

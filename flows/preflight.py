@@ -1,0 +1,63 @@
+"""Checks that run in the first seconds of a flow run, before any model work: every bad input a user can make
+(unreachable tracking server, missing bucket, wrong credentials, unknown teacher, a target that is not smaller than
+the teacher or that no shape can meet) fails here with one line that says what to fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flows.environment import store_uri, tracking_uri
+from minitron.config import CompressConfig, format_count
+from minitron.errors import UserError
+
+
+@dataclass(frozen=True)
+class Plan:
+    teacher_ref: dict  # {"uri": spec, "params": n}: the teacher as given (not in the store)
+    teacher_params: int
+    targets: tuple[int, ...]
+
+
+def preflight(config: CompressConfig) -> Plan:
+    from minitron.archmath import SearchSpace, count_params, enumerate_candidates
+    from minitron.data import TEXT_SUFFIXES
+    from minitron.families import family_of
+    from minitron.models import load_config
+    from tasks import storage, tracking
+
+    tracking.check_tracking(tracking_uri(config.tracking_uri))
+    storage.check_store(store_uri(config.checkpoint_store))
+
+    model_config = load_config(config.teacher, trust_remote_code=config.trust_remote_code)
+    family_of(model_config)  # unsupported architecture → names the supported ones
+    teacher_params = count_params(model_config)
+
+    data = Path(config.data).expanduser()
+    if config.data != "shakespeare" and not data.exists() and (
+            config.data.startswith((".", "/", "~")) or config.data.endswith(TEXT_SUFFIXES)):
+        raise UserError(f"data path '{config.data}' does not exist")
+
+    targets = tuple(config.targets(teacher_params))
+    previous = teacher_params
+    for target in targets:
+        if target >= previous:
+            raise UserError(f"target {format_count(target)} is not smaller than its teacher "
+                            f"({format_count(previous)} parameters): lower target_params")
+        previous = target
+    if not config.explicit_shape():
+        # Later steps of an iterative schedule prune a winner not known yet: the teacher's shapes stand in for it.
+        for target in targets:
+            if not enumerate_candidates(model_config, target, config.tolerance, axes=config.axes,
+                                        space=SearchSpace(prune_kv_groups=config.prune_kv_groups)):
+                raise UserError(f"no pruned shape of {Path(config.teacher).name} has {format_count(target)} ± "
+                                f"{config.tolerance:.0%} parameters: raise tolerance or change target_params")
+
+    tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
+    for field in ("correction_tokens", "search_tokens", "distill_tokens"):
+        if config.tokens(field) < tokens_per_step:
+            raise UserError(f"{field} = {getattr(config, field)} is less than one optimizer step "
+                            f"({tokens_per_step} tokens = batch_size x grad_accum x seq_len)")
+    return Plan(teacher_ref={"uri": config.teacher, "params": teacher_params}, teacher_params=teacher_params,
+                targets=targets)

@@ -1,0 +1,24 @@
+"""`minitron serve`: serve the compress-on-demand and compress-nightly deployments from this process."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve the on-demand and nightly deployments (prefect.serve)",
+                       description="Serve the compress-on-demand (no schedule) and compress-nightly (02:00, "
+                                   "MINITRON_TIMEZONE or UTC) deployments; runs until interrupted.")
+    p.add_argument("--preset", default="demo-cpu", help="preset (configs/NAME.yaml or a path) for on-demand "
+                                                       "defaults")
+    p.add_argument("--nightly-preset", default="demo-cpu", help="preset for the nightly run")
+    p.add_argument("--limit", type=int, default=None, help="flow runs executed at once by this process")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from flows.environment import use_embedded_defaults
+
+    use_embedded_defaults()
+    from flows.deployments import serve
+
+    serve(args.preset, args.nightly_preset, limit=args.limit)
+    return 0

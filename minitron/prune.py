@@ -1,0 +1,136 @@
+"""Structured pruning to a target shape: copy the most important slices of every tensor into a new, smaller model.
+
+Units are kept in importance order on every axis (also on axes that keep their size), so a full-shape prune is a
+pure permutation and must reproduce the logits exactly: that is the test that every slice is consistent.
+GQA stays valid: KV groups are ranked by their group score, and every kept group keeps the same number of its own
+best query heads. head_dim is never pruned (Qwen3's per-head q/k norms are copied as they are).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minitron.archmath import Shape, config_for_shape, shape_of
+from minitron.errors import UserError
+from minitron.families import family_of
+from minitron.importance import ImportanceScores
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, most important first (stable: ties keep index order)."""
+    return torch.sort(scores, descending=True, stable=True).indices[:k]
+
+
+def check_shape(config, shape: Shape, drop_layers: tuple[int, int] | None = None) -> None:
+    """Raise a UserError for a shape this model cannot be pruned to."""
+    full = shape_of(config)
+    if shape.head_dim != full.head_dim:
+        raise UserError(f"head_dim is never pruned: keep {full.head_dim}, not {shape.head_dim}")
+    if shape.kv_heads < 1 or shape.heads % shape.kv_heads:
+        raise UserError(f"query heads ({shape.heads}) must be a multiple of the KV groups ({shape.kv_heads})")
+    if shape.kv_heads > full.kv_heads or shape.heads_per_group > full.heads_per_group:
+        raise UserError(f"cannot grow attention: the model has {full.kv_heads} KV groups of "
+                        f"{full.heads_per_group} query heads, asked for {shape.kv_heads} of {shape.heads_per_group}")
+    for axis in ("layers", "hidden", "ffn"):
+        value, limit = getattr(shape, axis), getattr(full, axis)
+        if not 1 <= value <= limit:
+            raise UserError(f"{axis} must be between 1 and the model's {limit}, not {value}")
+    if drop_layers is not None:
+        a, b = drop_layers
+        if not 0 <= a <= b < full.layers:
+            raise UserError(f"drop block {a + 1}-{b + 1} is outside layers 1-{full.layers}")
+        if full.layers - (b - a + 1) != shape.layers:
+            raise UserError(f"dropping layers {a + 1}-{b + 1} leaves {full.layers - (b - a + 1)} layers, "
+                            f"not {shape.layers}")
+
+
+def kept_layers(scores: ImportanceScores, n_layers: int, n_keep: int, drop_layers=None,
+                layer_metric: str = "loss") -> list[int]:
+    if drop_layers is not None:
+        return [i for i in range(n_layers) if not drop_layers[0] <= i <= drop_layers[1]]
+    if n_keep == n_layers:
+        return list(range(n_layers))
+    return sorted(_top(scores.layer_ranking(layer_metric), n_keep).tolist())
+
+
+def _attention_rows(scores: ImportanceScores, layer: int, full: Shape, shape: Shape):
+    """(query-head indices, KV-group indices) to keep, in importance order, query heads grouped by their group."""
+    groups = _top(scores.kv_groups[layer], shape.kv_heads)
+    per = full.heads_per_group
+    q_heads = []
+    for g in groups.tolist():
+        own = torch.arange(g * per, (g + 1) * per)
+        q_heads += own[_top(scores.heads[layer, own], shape.heads_per_group)].tolist()
+    return torch.tensor(q_heads), groups
+
+
+def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Weight rows of the given heads (head h owns rows h*head_dim ... (h+1)*head_dim - 1)."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+@torch.no_grad()
+def prune(model, scores: ImportanceScores, shape: Shape, *, drop_layers: tuple[int, int] | None = None,
+          layer_metric: str = "loss"):
+    """A new model of `shape` holding the kept slices of `model` (same dtype and device). `drop_layers` is a
+    0-indexed inclusive block; otherwise the lowest-ranked layers by `layer_metric` ("loss" or "bi") are dropped."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    family_of(config)
+    scores.check_matches(config)
+    check_shape(config, shape, drop_layers)
+    full = shape_of(config)
+    layers = kept_layers(scores, full.layers, shape.layers, drop_layers, layer_metric)
+    hid = _top(scores.hidden, shape.hidden)
+    old = model.state_dict()
+    p = next(model.parameters())
+
+    new_config = config_for_shape(config, shape, layers)
+    with torch.device(p.device):
+        new = AutoModelForCausalLM.from_config(new_config, dtype=p.dtype)
+    sd = {}
+    for name in new.state_dict():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            sd[name] = old[name][:, hid]
+        elif name.startswith("model.norm."):
+            sd[name] = old[name][hid]
+        elif name.startswith("model.layers."):
+            _, _, idx, rest = name.split(".", 3)
+            src = layers[int(idx)]
+            sd[name] = _slice_layer(rest, old[f"model.layers.{src}.{rest}"], scores, src, full, shape, hid)
+        else:
+            raise UserError(f"do not know how to prune parameter '{name}' of {type(model).__name__}")
+    new.load_state_dict(sd, strict=True)
+    new.eval()
+    new.name_or_path = getattr(model, "name_or_path", "")
+    return new
+
+
+def _slice_layer(rest: str, t: torch.Tensor, scores: ImportanceScores, src: int, full: Shape, shape: Shape,
+                 hid: torch.Tensor) -> torch.Tensor:
+    module, _, kind = rest.rpartition(".")  # e.g. "self_attn.q_proj", "weight"
+    leaf = module.rsplit(".", 1)[-1]
+    if leaf in ("input_layernorm", "post_attention_layernorm"):
+        return t[hid]
+    if leaf in ("q_norm", "k_norm"):
+        return t.clone()
+    if leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        q_heads, groups = _attention_rows(scores, src, full, shape)
+        rows = _rows(q_heads if leaf in ("q_proj", "o_proj") else groups, full.head_dim)
+        if leaf == "o_proj":
+            return t[hid][:, rows] if kind == "weight" else t[hid]
+        return t[rows][:, hid] if kind == "weight" else t[rows]
+    if leaf in ("gate_proj", "up_proj", "down_proj"):
+        neurons = _top(scores.neurons[src], shape.ffn)
+        if leaf == "down_proj":
+            return t[hid][:, neurons] if kind == "weight" else t[hid]
+        return t[neurons][:, hid] if kind == "weight" else t[neurons]
+    raise UserError(f"do not know how to prune layer parameter '{rest}'")
+
+
+def save_pruned(model, tokenizer, out) -> None:
+    """A folder plain `AutoModelForCausalLM.from_pretrained` reloads (explicit head_dim and per-layer lists)."""
+    from minitron.models import save_model
+
+    return save_model(model, tokenizer, out)

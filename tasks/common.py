@@ -1,0 +1,180 @@
+"""What every stage task shares.
+
+- `RunContext`: the small, picklable handle a flow run passes to its tasks (MLflow parent run, checkpoint store,
+  scratch folder). It is left out of the cache key, so a re-run of the same config finds the finished stages.
+- `stage(...)`: the block each task runs its work in: an MLflow child run, the machine's compute slot (a Prefect
+  global concurrency limit, so two flow runs on one box queue instead of colliding), a throttled progress artifact
+  and log line, and `publish` / `fetch` for checkpoints (URIs and manifests in, URIs and manifests out: weights never
+  travel through Prefect).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import get_run_logger
+from prefect.cache_policies import INPUTS
+from prefect.context import TaskRunContext
+
+from minitron.config import CompressConfig
+from tasks import storage, tracking
+
+# Results depend on the config and the upstream stages' outputs, not on which flow run asks: re-running a config
+# after a crash resumes after the last finished stage. `ctx` (this run's MLflow parent, scratch folder) is excluded.
+STAGE_CACHE = INPUTS - "ctx"
+
+PROGRESS_EVERY_S = 5.0  # progress artifact / log line at most this often: per-step logs flood Prefect's log view
+
+
+@dataclass(frozen=True)
+class RunContext:
+    parent_run_id: str  # MLflow parent run of this flow run
+    tracking_uri: str
+    store_uri: str  # checkpoint store root: s3://bucket/prefix or a folder
+    run_key: str  # this flow run's folder inside the store: <name>/<flow-run-name>
+    work_dir: str  # local scratch (downloads, stage outputs before upload)
+    slot: str  # global concurrency limit name that compute stages hold: gpu:<host> or cpu:<host>
+    slot_timeout_s: float  # how long a stage waits for the slot before failing
+    stage_timeout_s: float | None  # a stage running longer is stopped (its local checkpoints stay for a retry)
+    refresh: bool  # recompute stages even when a cached result exists (config.resume off)
+
+    @property
+    def task_options(self) -> dict:
+        return {"timeout_seconds": self.stage_timeout_s, "refresh_cache": self.refresh}
+
+
+def run_stage(task, config: CompressConfig, ctx: RunContext, *args):
+    """Call a stage task with this run's timeout and cache switch."""
+    return task.with_options(**ctx.task_options)(config, ctx, *args)
+
+
+def config_key(config: CompressConfig) -> str:
+    """Scratch folder name per config: a re-run of the same config finds its local checkpoints and resumes
+    mid-stage, not only after the last finished stage."""
+    return f"{config.name}-" + hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+
+
+def slug(text: str) -> str:
+    """A name safe in store keys, URIs and folder names: "search 70M: proxy" → "search-70M-proxy"."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def compute_slot(device: str) -> str:
+    from minitron.models import resolve_device
+
+    return f"{resolve_device(device).type.replace('cuda', 'gpu')}:{socket.gethostname()}"
+
+
+def ensure_slot(name: str) -> None:
+    """Create the concurrency limit if missing: one slot per GPU (or one CPU slot), so stages queue per box."""
+    from prefect.client.orchestration import get_client
+
+    import torch
+
+    slots = torch.cuda.device_count() if name.startswith("gpu:") else 1
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, max(1, slots))
+
+
+def fetch(ctx: RunContext, uri: str) -> Path:
+    """A local, verified copy of a checkpoint (downloaded once per scratch folder; sha256 checked on download)."""
+    local = Path(ctx.work_dir) / "cache" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (local / "manifest.json").is_file():
+        storage.open_store(ctx.store_uri).get_folder(uri, local)
+    return local
+
+
+class Stage:
+    """Handle yielded by `stage(...)`: the MLflow child run plus progress reporting and checkpoint publishing."""
+
+    def __init__(self, ctx: RunContext, name: str, run: tracking.Run, total_tokens: int | None):
+        self.ctx, self.name, self.run = ctx, name, run
+        self.work = Path(ctx.work_dir) / slug(name)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.total_tokens = total_tokens
+        self._last = 0.0
+        self._progress_id = None
+        if total_tokens and TaskRunContext.get() is not None:
+            from prefect.artifacts import create_progress_artifact
+
+            self._progress_id = create_progress_artifact(0.0, description=f"{name}: tokens processed")
+
+    def on_metrics(self, record: dict) -> None:
+        """Callback for the minitron loops: every record to MLflow (few stable keys), throttled to Prefect."""
+        self.run.log_progress(record)
+        now = time.monotonic()
+        if now - self._last < PROGRESS_EVERY_S and "val_kl" not in record and "val_ce" not in record:
+            return
+        self._last = now
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()
+                 if k in ("step", "tokens", "loss", "val_kl", "val_ce", "lr", "tokens_per_s")}
+        get_run_logger().info("%s %s", self.name, " ".join(f"{k}={v}" for k, v in shown.items()))
+        if self._progress_id and self.total_tokens and "tokens" in record:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self._progress_id, min(100.0, 100.0 * record["tokens"] / self.total_tokens))
+
+    def publish(self, folder: Path, key: str | None = None) -> str:
+        """Upload a finished folder to `<run_key>/<stage>` (manifest last) and tag the child run with its URI."""
+        uri = storage.open_store(self.ctx.store_uri).put_folder(folder, f"{self.ctx.run_key}/{slug(key or self.name)}")
+        self.run.set_tags({"checkpoint_uri": uri})
+        return uri
+
+
+@contextmanager
+def stage(ctx: RunContext, name: str, params: dict | None = None, *, total_tokens: int | None = None,
+          compute: bool = True) -> Iterator[Stage]:
+    """Run a stage's work inside an MLflow child run, holding the machine's compute slot when `compute`."""
+    from prefect.concurrency.sync import concurrency
+
+    with tracking.child_run(ctx.parent_run_id, name, params, tracking_uri=ctx.tracking_uri) as run:
+        if not compute:
+            yield Stage(ctx, name, run, total_tokens)
+            return
+        with concurrency(ctx.slot, occupy=1, timeout_seconds=ctx.slot_timeout_s, strict=True):
+            yield Stage(ctx, name, run, total_tokens)
+
+
+def stage_params(config: CompressConfig, *fields: str) -> dict:
+    """The config fields a stage depends on, as MLflow params."""
+    return {f: getattr(config, f) for f in fields}
+
+
+def scratch_root() -> Path:
+    return Path(os.environ.get("MINITRON_WORK", Path(".minitron") / "work")).resolve()
+
+
+def load_run_data(config: CompressConfig, tokenizer, seq_len: int | None = None):
+    """The run's corpus as packed blocks (cached on disk, so every stage after the first reads it in ms)."""
+    from minitron.config import parse_count
+    from minitron.data import load_token_data
+
+    return load_token_data(
+        config.data, tokenizer, seq_len or config.seq_len, val_fraction=config.val_fraction, seed=config.seed,
+        hf_config=config.data_config, hf_split=config.data_split, text_field=config.text_field,
+        max_tokens=parse_count(config.max_corpus_tokens) if config.max_corpus_tokens else None)
+
+
+def load_run_model(config: CompressConfig, ref: dict, ctx: RunContext):
+    """(model, tokenizer) for a model ref: the teacher spec as given, or a checkpoint URI fetched and verified."""
+    from minitron.models import load_model
+
+    uri = ref["uri"]
+    spec = str(fetch(ctx, uri)) if uri.startswith(("s3://", "file://")) else uri
+    return load_model(spec, dtype=config.dtype, device=config.device, allow_pickle=config.allow_pickle,
+                      trust_remote_code=config.trust_remote_code)
+
+
+def stage_task(name: str, **options):
+    """@task with the stage defaults: persisted, cached by input (minus ctx), timed out, named for the UI."""
+    from prefect import task
+
+    return task(name=name, cache_policy=STAGE_CACHE, persist_result=True, **options)

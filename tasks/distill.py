@@ -1,0 +1,77 @@
+"""Stage 4, distillation: logit KL from the teacher to the search winner (which already had its short
+distillation, so this continues from there). One GPU runs in this process; `nproc > 1` runs the same entry point
+under torchrun in its own process group, and its metrics.jsonl is tailed into MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import get_run_logger
+
+from minitron.config import CompressConfig
+from tasks.common import RunContext, Stage, fetch, load_run_data, load_run_model, stage, stage_params, stage_task
+
+TRAIN_PARAMS = ("distill_tokens", "seq_len", "batch_size", "grad_accum", "lr", "min_lr", "warmup_frac",
+                "weight_decay", "kd_temperature", "kd_top_k", "ce_weight", "intermediate_weight", "nproc", "compile")
+
+
+@stage_task("distill")
+def distill_student(config: CompressConfig, ctx: RunContext, teacher: dict, student: dict) -> dict:
+    from minitron.models import count_parameters, load_model, save_model
+
+    params = {**stage_params(config, *TRAIN_PARAMS), "student": student.get("name"), "student_params":
+              student["params"]}
+    with stage(ctx, "distill", params, total_tokens=config.tokens("distill_tokens")) as s:
+        if config.nproc > 1:
+            result = _distill_torchrun(config, ctx, teacher, student, s)
+        else:
+            result = _distill_here(config, ctx, teacher, student, s)
+        model, tokenizer = load_model(str(s.work / "run"), dtype="fp32", device="cpu")
+        save_model(model, tokenizer, s.work / "model")  # the model alone: optimizer checkpoints stay local
+        s.run.log_metrics({"final_val_kl": result["val_kl"], "final_val_ce": result["val_ce"]})
+        return {**student, "uri": s.publish(s.work / "model"), "params": count_parameters(model),
+                "val_kl": result["val_kl"], "val_ce": result["val_ce"], "val_kl_before": result["val_kl_before"]}
+
+
+def _distill_here(config, ctx, teacher, student, s: Stage) -> dict:
+    from minitron.distill import DistillConfig, distill
+
+    teacher_model, tokenizer = load_run_model(config, teacher, ctx)
+    student_model, _ = load_run_model(config, student, ctx)
+    result = distill(teacher_model, student_model, load_run_data(config, tokenizer),
+                     DistillConfig.from_run_config(config, "distill_tokens", progress=False),
+                     out_dir=s.work / "run", tokenizer=tokenizer, callback=s.on_metrics, resume=True)
+    return {"val_kl": result.last_val_kl, "val_ce": result.last_val["val_ce"], "val_kl_before": result.first_val_kl}
+
+
+def _distill_torchrun(config, ctx, teacher, student, s: Stage) -> dict:
+    """`minitron distill --nproc N` (it re-launches itself under torchrun); metrics.jsonl is tailed into MLflow."""
+    from tasks.proc import run_group
+
+    def local(ref: dict) -> str:
+        return str(fetch(ctx, ref["uri"])) if ref["uri"].startswith(("s3://", "file://")) else ref["uri"]
+
+    config_file = s.work / "config.json"
+    config_file.write_text(config.model_dump_json())
+    out = s.work / "run"
+    metrics = out / "metrics.jsonl"
+    seen = 0
+
+    def tail() -> None:
+        nonlocal seen
+        if metrics.is_file():
+            lines = metrics.read_text().splitlines()
+            for line in lines[seen:]:
+                s.on_metrics(json.loads(line))
+            seen = len(lines)
+
+    log = get_run_logger()
+    code = run_group(["distill", "--teacher", local(teacher), "--student", local(student), "--run-config",
+                      str(config_file), "--nproc", str(config.nproc), "--out", str(out), "--resume"],
+                     on_line=lambda line: log.debug(line), poll=tail)
+    if code != 0:
+        raise RuntimeError(f"torchrun distillation exited with status {code}: see {out}")
+    records = [json.loads(x) for x in Path(metrics).read_text().splitlines()]
+    first, last = records[0], records[-1]
+    return {"val_kl": last["val_kl"], "val_ce": last["val_ce"], "val_kl_before": first["val_kl"]}

@@ -1,0 +1,80 @@
+"""Stage 5, evaluation: LM-Eval-Harness on the teacher, the pruned winner before distillation and the final
+student. Each lm-eval run is a `minitron evaluate` child process in its own process group (cancellation kills it;
+its memory is returned when it ends). Each model gets an MLflow child run with `eval/<task>/<metric>` metrics and
+results.json; the comparison table (absolute and % of teacher) goes to MLflow, Prefect and the flow's summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import get_run_logger
+
+from minitron.config import CompressConfig
+from tasks import tracking
+from tasks.common import RunContext, fetch, stage, stage_params, stage_task
+from tasks.proc import run_group
+
+
+def _local(ctx: RunContext, ref: dict) -> str:
+    return str(fetch(ctx, ref["uri"])) if ref["uri"].startswith(("s3://", "file://")) else ref["uri"]
+
+
+def _run_cli(args: list[str], what: str) -> None:
+    log = get_run_logger()
+    tail: list[str] = []
+    code = run_group(args, on_line=lambda line: (tail.append(line), tail.__delitem__(slice(0, -20))))
+    if code != 0:
+        log.error("%s failed:\n%s", what, "\n".join(tail))
+        raise RuntimeError(f"{what} exited with status {code}: {tail[-1] if tail else ''}")
+
+
+def _pruned_folder(config: CompressConfig, ctx: RunContext, pruned: dict, out: Path) -> str:
+    """The search winner as it was right after pruning (re-pruned from its teacher: cheaper than storing it)."""
+    if (out / "config.json").is_file():
+        return str(out)
+    shape = pruned["shape"]
+    args = ["prune", _local(ctx, pruned["teacher"]), "--scores", str(fetch(ctx, pruned["scores"]["uri"]) /
+            pruned["scores"]["file"]), "--hidden", str(shape["hidden"]), "--ffn", str(shape["ffn"]),
+            "--heads-per-group", str(shape["heads"] // shape["kv_heads"]), "--kv-groups", str(shape["kv_heads"]),
+            "--layer-metric", config.layer_metric, "--out", str(out)]
+    if pruned.get("drop"):
+        first, last = pruned["drop"]
+        args += ["--drop-layers", f"{first + 1}-{last + 1}"]
+    else:
+        args += ["--layers", str(shape["layers"])]
+    _run_cli(args, "pruning the winner for evaluation")
+    return str(out)
+
+
+@stage_task("evaluate")
+def evaluate_models(config: CompressConfig, ctx: RunContext, teacher: dict, pruned: dict, student: dict) -> dict:
+    from prefect.artifacts import create_table_artifact
+
+    from minitron.evaluate import comparison_table, flatten_metrics, format_table
+
+    params = stage_params(config, "eval_preset", "eval_limit", "data")
+    results: dict[str, dict] = {}
+    with stage(ctx, "evaluate", params) as s:
+        models = {"teacher": _local(ctx, teacher), "pruned": _pruned_folder(config, ctx, pruned, s.work / "pruned"),
+                  "final": _local(ctx, student)}
+        for name, path in models.items():
+            out = s.work / f"{name}.json"
+            if not out.is_file():  # finished evaluations survive a retry of the stage
+                args = ["evaluate", path, "--preset", config.eval_preset, "--data", config.data, "--out", str(out)]
+                if config.eval_limit:
+                    args += ["--limit", str(config.eval_limit)]
+                _run_cli(args, f"lm-eval on the {name} model")
+            results[name] = json.loads(out.read_text())
+            with tracking.child_run(ctx.parent_run_id, f"evaluate {name}", {"model": path},
+                                    tracking_uri=ctx.tracking_uri) as run:
+                run.log_metrics(flatten_metrics(results[name]))
+                run.log_artifact(out, None)
+        rows = comparison_table(results, teacher="teacher")
+        table = format_table(rows)
+        s.run.log_text(table, "comparison.md")
+        s.run.log_dict(results, "results.json")
+        create_table_artifact(rows, key="evaluation", description="teacher vs pruned (before distillation) vs "
+                              "final student: absolute values and % of the teacher")
+    get_run_logger().info("evaluation:\n%s", table)
+    return {"results": results, "table": table}
