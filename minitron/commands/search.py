@@ -28,8 +28,8 @@ def register(sub) -> None:
     p.add_argument("--prune-kv-groups", action="store_true", help="also allow fewer KV groups")
     p.add_argument("--layer-metric", default="loss", choices=["loss", "bi"],
                    help="layer ranking for depth pruning: LM-loss increase when skipped, or Block Influence")
-    p.add_argument("--max-candidates", type=int, default=None,
-                   help="proxy-score at most this many shapes, spread over kinds and sizes (default: all)")
+    p.add_argument("--max-candidates", type=int, default=24,
+                   help="proxy-score at most this many shapes, spread over kinds and sizes")
     p.add_argument("--proxy-batches", type=int, default=2, help="validation batches for the proxy KL")
     p.add_argument("--top-k", type=int, default=4, help="candidates that get the short distillation")
     p.add_argument("--tokens-per-candidate", required=True, help="short-distillation budget in tokens, e.g. 400K")
@@ -75,7 +75,8 @@ def run(args) -> int:
     from minitron.search import enumerate_rows, prune_candidate
 
     # --- every check before the teacher is loaded --------------------------------------------------------------
-    for flag in ("top_k", "seq_len", "batch_size", "proxy_batches", "eval_every", "val_batches", "calib_samples"):
+    for flag in ("top_k", "seq_len", "batch_size", "proxy_batches", "eval_every", "val_batches", "calib_samples",
+                 "max_candidates"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     out = Path(args.out)
