@@ -163,7 +163,7 @@ def _print_event(e: dict) -> None:
     """One line per finished step of a candidate, so a long CPU search shows it is alive."""
     if e["event"] == "proxy":
         print(f"proxy  {e['name']:<40} {e['params']:>13,}  KL {e['proxy_kl']:.4f}", flush=True)
-    elif e["event"] == "progress" and "val_kl" in e["metrics_point"]:
+    elif e["event"] == "progress" and e["metrics_point"].get("val_kl") is not None:
         m = e["metrics_point"]
         print(f"  distil {e['name']} step {m['step']} val KL {m['val_kl']:.4f}", flush=True)
     elif e["event"] == "distilled":
