@@ -155,6 +155,8 @@ def enumerate_candidates(config, target_params: int, tolerance: float = 0.05, *,
     params = _count(config, L, H, F, heads[Q], kvs[Q], full.head_dim)
     lo, hi = target_params * (1 - tolerance), target_params * (1 + tolerance)
     ok = (params >= lo) & (params <= hi)
+    if family_of(config).hidden_per_head:
+        ok &= H % heads[Q] == 0
     if not ok.any():
         smallest = int(params.min())
         if smallest > hi:

@@ -21,6 +21,8 @@ class Family:
     qkv_bias: str | bool  # bool, or the config attribute that switches q/k/v biases on
     o_bias: str | bool  # bool, or the config attribute that switches the o_proj bias on
     mlp_bias: str | bool  # bool, or the config attribute that switches MLP biases on
+    hidden_per_head: bool = False  # the config class rejects a hidden size that is not a multiple of the heads
+    # (LlamaConfig's validator, even with an explicit head_dim)
 
     def has(self, config, what: str) -> bool:
         """Is the bias `what` ("qkv_bias", "o_bias", "mlp_bias") present for this config?"""
@@ -33,7 +35,7 @@ class Family:
 
 
 FAMILIES = {
-    "llama": Family("llama", True, False, False, "attention_bias", "attention_bias", "mlp_bias"),
+    "llama": Family("llama", True, False, False, "attention_bias", "attention_bias", "mlp_bias", True),
     "mistral": Family("mistral", True, False, False, False, False, False),
     "qwen2": Family("qwen2", True, False, False, True, False, False),
     "qwen3": Family("qwen3", True, True, False, "attention_bias", "attention_bias", False),

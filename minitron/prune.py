@@ -31,6 +31,9 @@ def check_shape(config, shape: Shape, drop_layers: tuple[int, int] | None = None
     if shape.kv_heads > full.kv_heads or shape.heads_per_group > full.heads_per_group:
         raise UserError(f"cannot grow attention: the model has {full.kv_heads} KV groups of "
                         f"{full.heads_per_group} query heads, asked for {shape.kv_heads} of {shape.heads_per_group}")
+    if family_of(config).hidden_per_head and shape.hidden % shape.heads:
+        raise UserError(f"{config.model_type} configs need the hidden size ({shape.hidden}) to be a multiple of the "
+                        f"query heads ({shape.heads})")
     for axis in ("layers", "hidden", "ffn"):
         value, limit = getattr(shape, axis), getattr(full, axis)
         if not 1 <= value <= limit:

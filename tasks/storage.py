@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from minitron import manifest as mf
 from minitron.errors import UserError
@@ -297,7 +297,7 @@ def _normalise_uri(uri: str) -> str:
     if uri.startswith("s3://"):
         return uri.rstrip("/")
     if uri.startswith("file://"):
-        return Path(urlparse(uri).path).resolve().as_uri()
+        return Path(unquote(urlparse(uri).path)).resolve().as_uri()
     if "://" in uri:
         raise UserError(f"unsupported checkpoint store {uri!r}: use a folder, file:// or s3://bucket/prefix")
     return Path(uri).expanduser().resolve().as_uri()
@@ -308,7 +308,7 @@ def open_store(uri: str | Path, **s3_options) -> Store:
     uri = _normalise_uri(str(uri))
     if uri.startswith("s3://"):
         return S3Store(uri, **s3_options)
-    return LocalStore(urlparse(uri).path)
+    return LocalStore(unquote(urlparse(uri).path))
 
 
 def check_store(uri: str | Path, **s3_options) -> Store:

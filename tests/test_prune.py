@@ -117,3 +117,9 @@ def test_cli_importance_then_prune(tiny_model_dir, text_corpus, tmp_path, capsys
     (config_only / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     assert main(["candidates", str(config_only), "--target-params", "10K"]) == 2
     assert "unsupported architecture" in capsys.readouterr().err
+
+
+def test_llama_hidden_must_divide_by_heads():
+    model = build_tiny_model("llama")
+    with pytest.raises(UserError, match="multiple of the query heads"):
+        prune(model, shuffled_scores(model), Shape(4, 42, 128, 4, 2, 16))  # LlamaConfig rejects 42 / 4 heads
