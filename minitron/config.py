@@ -141,6 +141,9 @@ class CompressConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to compute.")
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
     compile: bool = Field(False, description="torch.compile the student and teacher (GPU).")
+    activation_checkpointing: bool = Field(False, description="Recompute each student decoder layer in backward: "
+                                           "far less activation memory for ~1/3 more student compute (8B-class "
+                                           "students at long sequences need it).")
     nproc: int = Field(1, ge=1, description="GPUs per distillation: >1 runs it under torchrun.")
     queue_timeout_min: int = Field(720, ge=1, description="Minutes a stage waits for this machine's GPU (or CPU) "
                                    "while another run holds it, before failing.")

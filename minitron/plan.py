@@ -396,25 +396,24 @@ def measured_mfu(root: str | Path = ".") -> tuple[float, str] | None:
     return None
 
 
-def _fit(make, gpu: GPU) -> tuple[Memory, int | None, str]:
+def _fit(make, gpu: GPU, checkpointing: bool = False) -> tuple[Memory, int | None, str]:
     """Smallest FSDP world size whose per-GPU peak fits `gpu` (None: none does); `make(shards, checkpointing)`
     → Memory."""
     usable = USABLE * gpu.memory
     for shards in FSDP_SIZES:
-        mem = make(shards, False)
+        mem = make(shards, checkpointing)
         if mem.peak <= usable:
             verdict = "fits 1 GPU" if shards == 1 else f"FSDP x{shards}"
             return mem, shards, f"{verdict} ({_bytes(mem.peak)} of {_bytes(usable)})"
-    mem = make(FSDP_SIZES[-1], False)
+    mem = make(FSDP_SIZES[-1], checkpointing)
     fixed = mem.parts["activations"] + mem.parts["loss"] + mem.parts["autocast"] + mem.parts["teacher"]
     hint = "lower batch_size (raise grad_accum) or seq_len"
-    for shards in FSDP_SIZES:
-        ck = make(shards, True)
-        if ck.peak <= usable:
-            hint += f"; activation checkpointing would fit FSDP x{shards} (not in the distill engine yet)"
+    for shards in FSDP_SIZES if not checkpointing else ():
+        if make(shards, True).peak <= usable:
+            hint += f"; activation_checkpointing: true would fit FSDP x{shards}"
             break
-    return make(1, False), None, (f"does not fit: {fixed / GiB:.0f} GiB per GPU cannot be sharded "
-                                             f"(activations, loss, teacher): {hint}")
+    return make(1, checkpointing), None, (f"does not fit: {fixed / GiB:.0f} GiB per GPU cannot be sharded "
+                                          f"(activations, loss, teacher): {hint}")
 
 
 def _fit_forward(mem: Memory, gpu: GPU) -> str:
@@ -466,7 +465,8 @@ def make_plan(cfg: CompressConfig, gpu: str = "h100-80gb", mfu: float | None = N
     def train_stage(name: str, student: Model, teacher_m: Model | None, tokens: int, parent: Model,
                     note: str = "") -> Stage:
         mem, shards, fit = _fit(lambda s, ck: training_memory(
-            student, teacher_m, micro, grad_accum=cfg.grad_accum, chunk=chunk, shards=s, checkpointing=ck), g)
+            student, teacher_m, micro, grad_accum=cfg.grad_accum, chunk=chunk, shards=s, checkpointing=ck), g,
+            cfg.activation_checkpointing)
         flops = train_flops(student, tokens, seq) + (forward_flops(teacher_m, tokens, seq) if teacher_m else 0)
         gpus = max(cfg.nproc, shards or 0)
         per_step = micro * cfg.grad_accum * gpus

@@ -97,4 +97,5 @@ def cli_flags(config: CompressConfig) -> list[str]:
              "--device": config.device, "--dtype": config.dtype, "--data-config": config.data_config,
              "--top-k": config.kd_top_k}
     args = [x for k, v in flags.items() if v is not None for x in (k, str(v))]
-    return args + (["--compile"] if config.compile else [])
+    switches = {"--compile": config.compile, "--activation-checkpointing": config.activation_checkpointing}
+    return args + [flag for flag, on in switches.items() if on]

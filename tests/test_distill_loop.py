@@ -146,3 +146,13 @@ def test_config_from_run_config():
     assert (cfg.tokens, cfg.batch_size, cfg.lr, cfg.kd_top_k, cfg.intermediate_weight, cfg.progress) == (
         2_000_000, 4, 3e-4, 64, 0.5, False)
     assert DistillConfig.from_run_config(run, tokens_field="correction_tokens").tokens == 1_000_000
+
+
+def test_activation_checkpointing_gives_the_same_training(tmp_path):
+    """Recomputing layers in backward changes memory, not the math: the same validation KL as without it."""
+    kls = {}
+    for ck in (False, True):
+        teacher = sharp_teacher()
+        kls[ck] = distill(teacher, depth_pruned(teacher), token_data(), small_cfg(6, activation_checkpointing=ck),
+                          out_dir=tmp_path / str(ck)).last_val_kl
+    assert kls[True] == pytest.approx(kls[False], rel=1e-5)

@@ -55,6 +55,7 @@ class DistillConfig:
     log_every: int = 10  # train-metric callback every N steps (each costs a device sync)
     seed: int = 0  # data order and initialisation of the intermediate projection
     compile: bool = False  # torch.compile each decoder block of student and teacher
+    activation_checkpointing: bool = False  # recompute student decoder layers in backward (memory for compute)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the student
@@ -319,6 +320,8 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
     torch.manual_seed(cfg.seed)
     sharded = world > 1 and cfg.parallel == "fsdp"
     student.to(dtype=torch.float32, device=None if sharded else device).train()
+    if cfg.activation_checkpointing:  # keep only each layer's input; recompute the layer in backward
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     inter = None
     if teacher is not None:
         teacher.to(device=device, dtype=compute_dtype).eval().requires_grad_(False)
