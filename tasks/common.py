@@ -21,15 +21,41 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import get_run_logger
-from prefect.cache_policies import INPUTS
 from prefect.context import TaskRunContext
 
 from minitron.config import CompressConfig
 from tasks import storage, tracking
 
-# Results depend on the config and the upstream stages' outputs, not on which flow run asks: re-running a config
-# after a crash resumes after the last finished stage. `ctx` (this run's MLflow parent, scratch folder) is excluded.
-STAGE_CACHE = INPUTS - "ctx"
+# A stage's result depends on the upstream stages' outputs (URIs, shapes) and on the config fields it reads, not on
+# which flow run asks: re-running a config after a crash resumes after the last finished stage, and changing, say,
+# distill_tokens recomputes distillation onwards but not teacher correction or importance. `name` is part of every
+# key, so a new run name is a fresh start. `ctx` (this run's MLflow parent, scratch folder) never is.
+DATA = ("name", "data", "data_config", "data_split", "text_field", "val_fraction", "max_corpus_tokens", "seq_len",
+        "seed", "dtype", "trust_remote_code", "allow_pickle")
+TRAIN = ("batch_size", "grad_accum", "lr", "min_lr", "warmup_frac", "weight_decay", "grad_clip", "kd_temperature",
+         "kd_top_k", "ce_weight", "intermediate_weight", "eval_every", "val_batches")
+STAGE_FIELDS = {
+    "correct-teacher": (*DATA, *TRAIN, "teacher", "correction_tokens"),
+    "importance": (*DATA, "calib_samples", "calib_seq_len", "seq_agg", "batch_agg", "batch_size", "val_batches"),
+    "rank-candidates": (*DATA, "tolerance", "axes", "prune_kv_groups", "proxy_batches", "search_max_candidates",
+                        "layer_metric", "batch_size"),
+    "distill-candidate": (*DATA, *TRAIN, "search_tokens", "layer_metric"),
+    "select-architecture": ("name",),
+    "prune": (*DATA, "layer_metric"),
+    "distill": (*DATA, *TRAIN, "distill_tokens"),
+    "evaluate": (*DATA, "eval_preset", "eval_limit", "layer_metric"),
+}
+
+
+def stage_cache_key(context, parameters: dict) -> str:
+    """Cache key of a stage task: its name, the config fields it reads and its other inputs (not `ctx`)."""
+    from prefect.utilities.hashing import hash_objects
+
+    name = context.task.name
+    config = parameters["config"]
+    fields = {f: getattr(config, f) for f in STAGE_FIELDS[name]}
+    upstream = {k: v for k, v in parameters.items() if k not in ("config", "ctx")}
+    return f"{name}-{hash_objects(fields, upstream, raise_on_failure=True)}"
 
 PROGRESS_EVERY_S = 5.0  # progress artifact / log line at most this often: per-step logs flood Prefect's log view
 
@@ -173,7 +199,7 @@ def load_run_model(config: CompressConfig, ref: dict, ctx: RunContext):
 
 
 def stage_task(name: str, **options):
-    """@task with the stage defaults: persisted, cached by input (minus ctx), timed out, named for the UI."""
+    """@task with the stage defaults: persisted, cached by `stage_cache_key`, named for the UI."""
     from prefect import task
 
-    return task(name=name, cache_policy=STAGE_CACHE, persist_result=True, **options)
+    return task(name=name, cache_key_fn=stage_cache_key, persist_result=True, **options)

@@ -18,7 +18,7 @@ from tests.conftest import build_tiny_model
 # Short items keep the tiny model (256 positions) untruncated and SmolLM2 on CPU fast.
 DATA = EvalDataConfig(data="shakespeare", ppl_words=48, prefix_words=16, ending_words=8)
 RANDOM_ITEMS = 120  # chance ± 0.12 is 3 standard deviations at this size
-SMOLLM2_ITEMS = 60
+SMOLLM2_ITEMS = 40  # SmolLM2 scores ~0.66 on this cloze: 40 items put the 0.40 bar > 3 sd below it
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_offline_tasks_on_random_model_are_finite_and_near_chance(random_results
     assert r["corpus_ppl"]["bits_per_byte"] == pytest.approx(math.log2(r["corpus_ppl"]["byte_perplexity"]), rel=1e-6)
 
 
-@pytest.mark.slow  # ~4 CPU-minutes on this machine (240 choices through a 135M model)
+@pytest.mark.slow  # ~1 CPU-minute: 160 choices through a 135M model
 def test_smollm2_beats_random_model_on_cloze(smollm2, random_results):
     model, tokenizer = smollm2
     r = evaluate(model, tokenizer=tokenizer, tasks="corpus_cloze", limit=SMOLLM2_ITEMS, data=DATA)

@@ -142,6 +142,11 @@ def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):
     assert "importance" not in children and "distill" in children
     assert summary["final_uri"].startswith(f"s3://{BUCKET}/runs/resume/")
 
+    # a longer distillation: only the distillation stage and what follows run again
+    longer = compress(config.model_copy(update={"distill_tokens": "24K"}))
+    assert set(children_of(longer["parent_run_id"])) == {"distill"}
+    assert longer["final_uri"] != summary["final_uri"]
+
 
 @pytest.mark.parametrize("override, message", [
     ({"tracking_uri": "http://127.0.0.1:9"}, "cannot reach the MLflow server"),

@@ -1,0 +1,51 @@
+"""Stage cache keys: a stage is recomputed exactly when something it reads changed."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from minitron.config import CompressConfig
+from tasks.common import STAGE_FIELDS, stage_cache_key
+
+
+def key(stage: str, config: CompressConfig, **inputs) -> str:
+    context = SimpleNamespace(task=SimpleNamespace(name=stage))
+    return stage_cache_key(context, {"config": config, "ctx": object(), **inputs})
+
+
+def test_importance_ignores_fields_it_does_not_read():
+    base = CompressConfig(name="a")
+    teacher = {"uri": "s3://b/x/correct-teacher"}
+    k = key("importance", base, teacher=teacher)
+    assert k == key("importance", base.model_copy(update={"distill_tokens": "99M", "eval_limit": 3}), teacher=teacher)
+    assert k != key("importance", base.model_copy(update={"calib_samples": 7}), teacher=teacher)
+    assert k != key("importance", base, teacher={"uri": "s3://b/y/correct-teacher"})  # another upstream result
+    assert k != key("importance", base.model_copy(update={"name": "b"}), teacher=teacher)  # a new name: fresh
+    assert k != key("distill", base, teacher=teacher)
+
+
+def test_distill_reads_its_budget_and_the_optimiser():
+    base = CompressConfig(name="a")
+    k = key("distill", base, teacher={"uri": "t"}, student={"uri": "s"})
+    assert k != key("distill", base.model_copy(update={"distill_tokens": "20M"}), teacher={"uri": "t"},
+                    student={"uri": "s"})
+    assert k != key("distill", base.model_copy(update={"lr": 3e-4}), teacher={"uri": "t"}, student={"uri": "s"})
+    assert k == key("distill", base.model_copy(update={"correction_tokens": "5M"}), teacher={"uri": "t"},
+                    student={"uri": "s"})
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_FIELDS))
+def test_stage_fields_are_config_fields(stage):
+    assert set(STAGE_FIELDS[stage]) <= set(CompressConfig.model_fields)
+
+
+def test_every_stage_task_has_fields():
+    from tasks.correct import correct_teacher
+    from tasks.distill import distill_student
+    from tasks.evaluate import evaluate_models
+    from tasks.importance import score_importance
+    from tasks.search import distill_candidate, prune_to_shape, rank_candidates, select_architecture
+
+    tasks = (correct_teacher, distill_student, evaluate_models, score_importance, distill_candidate,
+             prune_to_shape, rank_candidates, select_architecture)
+    assert {t.name for t in tasks} == set(STAGE_FIELDS)
