@@ -112,7 +112,7 @@ def select_architecture(config: CompressConfig, ctx: RunContext, target: int, pr
         s.run.set_tags({"winner": winner["name"], "winner_uri": winner["uri"]})
         s.run.log_dict({"target_params": target, "winner": winner["name"], "kendall_tau": tau,
                         "candidates": rows}, "candidates.json")
-        plot = plot_pareto(rows, s.work / "pareto.png", winner_index=rows.index(winner),
+        plot = plot_pareto(rows, s.work / "pareto.png", winner_index=winner["index"],
                            title=f"search for {format_count(target)}: parameters vs validation KL")
         s.run.log_artifact(plot)
         create_table_artifact(
