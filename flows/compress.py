@@ -22,7 +22,7 @@ from flows.environment import store_uri, tracking_uri
 from flows.preflight import preflight
 from minitron.config import CompressConfig, format_count
 from tasks import tracking
-from tasks.common import RunContext, config_key, compute_slot, ensure_slot, run_stage, scratch_root
+from tasks.common import RunContext, compute_slot, config_key, ensure_slot, run_stage, scratch_root
 from tasks.correct import correct_teacher
 from tasks.distill import distill_student
 from tasks.evaluate import evaluate_models
@@ -70,15 +70,16 @@ def compress(config: CompressConfig) -> dict:
         # 1. teacher correction: a light fine-tune on the distillation corpus (its pre-training data is unknown)
         teacher = run_stage(correct_teacher, config, ctx) if config.correct_teacher else plan.teacher_ref
         original_teacher = teacher
-        for target in plan.targets:  # one step for a single target; 15B → 8B → 4B for iterative schedules
-            log.info("target %s (%.0f%% of the teacher)", format_count(target), 100 * target / plan.teacher_params)
+        for step in plan.steps:  # one step for a single target; 15B → 8B → 4B for iterative schedules
+            log.info("target %s (%.0f%% of the teacher)", format_count(step.target),
+                     100 * step.target / plan.teacher_params)
             # 2. importance: activation statistics on the calibration set, every axis, one forward pass
             scores = run_stage(score_importance, config, ctx, teacher)
             # 3. architecture search: enumerate shapes under the budget, prune, distil the best few briefly
-            if config.explicit_shape():
-                winner = run_stage(prune_to_shape, config, ctx, teacher, scores)
+            if step.shape is not None:  # an explicit shape skips the search
+                winner = run_stage(prune_to_shape, config, ctx, teacher, scores, step.shape, step.drop)
             else:
-                winner = search_architecture(config, ctx, teacher, scores, target)
+                winner = search_architecture(config, ctx, teacher, scores, step.target)
             pruned = {**winner, "teacher": teacher, "scores": scores}
             # 4. distillation: logit KL from the teacher to the winning pruned student
             student = run_stage(distill_student, config, ctx, teacher, winner)

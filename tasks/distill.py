@@ -10,7 +10,16 @@ from pathlib import Path
 from prefect import get_run_logger
 
 from minitron.config import CompressConfig
-from tasks.common import RunContext, Stage, fetch, load_run_data, load_run_model, stage, stage_params, stage_task
+from tasks.common import (
+    RunContext,
+    Stage,
+    fetch,
+    load_run_data,
+    load_run_model,
+    stage,
+    stage_params,
+    stage_task,
+)
 
 TRAIN_PARAMS = ("distill_tokens", "seq_len", "batch_size", "grad_accum", "lr", "min_lr", "warmup_frac",
                 "weight_decay", "kd_temperature", "kd_top_k", "ce_weight", "intermediate_weight", "nproc", "compile")
@@ -52,8 +61,6 @@ def _distill_torchrun(config, ctx, teacher, student, s: Stage) -> dict:
     def local(ref: dict) -> str:
         return str(fetch(ctx, ref["uri"])) if ref["uri"].startswith(("s3://", "file://")) else ref["uri"]
 
-    config_file = s.work / "config.json"
-    config_file.write_text(config.model_dump_json())
     out = s.work / "run"
     metrics = out / "metrics.jsonl"
     seen = 0
@@ -67,11 +74,27 @@ def _distill_torchrun(config, ctx, teacher, student, s: Stage) -> dict:
             seen = len(lines)
 
     log = get_run_logger()
-    code = run_group(["distill", "--teacher", local(teacher), "--student", local(student), "--run-config",
-                      str(config_file), "--nproc", str(config.nproc), "--out", str(out), "--resume"],
-                     on_line=lambda line: log.debug(line), poll=tail)
+    code = run_group(["distill", "--teacher", local(teacher), "--student", local(student), *cli_flags(config),
+                      "--out", str(out), "--resume", "--no-progress"], on_line=lambda line: log.debug(line),
+                     poll=tail)
     if code != 0:
         raise RuntimeError(f"torchrun distillation exited with status {code}: see {out}")
     records = [json.loads(x) for x in Path(metrics).read_text().splitlines()]
     first, last = records[0], records[-1]
     return {"val_kl": last["val_kl"], "val_ce": last["val_ce"], "val_kl_before": first["val_kl"]}
+
+
+def cli_flags(config: CompressConfig) -> list[str]:
+    """The config's distillation settings as `minitron distill` flags (the torchrun path runs the CLI)."""
+    flags = {"--data": config.data, "--data-split": config.data_split, "--text-field": config.text_field,
+             "--val-fraction": config.val_fraction, "--seed": config.seed, "--tokens": config.distill_tokens,
+             "--seq-len": config.seq_len, "--batch": config.batch_size, "--grad-accum": config.grad_accum,
+             "--lr": config.lr, "--min-lr": config.min_lr, "--warmup-frac": config.warmup_frac,
+             "--weight-decay": config.weight_decay, "--grad-clip": config.grad_clip, "--eval-every": config.eval_every,
+             "--val-batches": config.val_batches, "--checkpoint-every": config.checkpoint_every,
+             "--temperature": config.kd_temperature, "--ce-weight": config.ce_weight,
+             "--intermediate-weight": config.intermediate_weight, "--nproc": config.nproc,
+             "--device": config.device, "--dtype": config.dtype, "--data-config": config.data_config,
+             "--top-k": config.kd_top_k}
+    args = [x for k, v in flags.items() if v is not None for x in (k, str(v))]
+    return args + (["--compile"] if config.compile else [])

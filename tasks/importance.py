@@ -9,8 +9,8 @@ from tasks.common import RunContext, load_run_data, load_run_model, stage, stage
 
 @stage_task("importance")
 def score_importance(config: CompressConfig, ctx: RunContext, teacher: dict) -> dict:
-    from minitron.importance import compute_importance
     from minitron import plots
+    from minitron.importance import compute_importance
 
     params = stage_params(config, "calib_samples", "calib_seq_len", "seq_agg", "batch_agg", "layer_metric")
     with stage(ctx, "importance", {**params, "teacher_uri": teacher["uri"]}) as s:

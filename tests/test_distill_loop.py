@@ -1,0 +1,148 @@
+"""The distillation loop on tiny CPU models: it learns (validation KL at least halves), resume repeats the
+uninterrupted run bit for bit, teacher correction lowers the teacher's CE, bad input fails before any step."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import build_tiny_model
+
+from minitron.config import CompressConfig
+from minitron.data import TokenData
+from minitron.distill import DistillConfig, correct_teacher, distill
+from minitron.errors import UserError
+
+SEQ = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared 2-core machine makes 2 spinning OpenMP threads crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def depth_pruned(teacher, keep=(0, 3)):
+    """A student the way depth pruning makes one: the teacher with only some decoder layers left."""
+    student = copy.deepcopy(teacher)
+    layers = student.model.layers
+    student.model.layers = torch.nn.ModuleList(layers[i] for i in keep)
+    for i, layer in enumerate(student.model.layers):
+        layer.self_attn.layer_idx = i
+    student.config.num_hidden_layers = len(keep)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    return student
+
+
+def sharp_teacher():
+    """A random tiny Llama with peaked next-token distributions (a scaled final norm), so the KL has room."""
+    teacher = build_tiny_model("llama", seed=1)
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(4.0)
+    return teacher
+
+
+def token_data(n_train=1200, n_val=8, seed=0) -> TokenData:
+    g = torch.Generator().manual_seed(seed)
+    train, val = torch.randint(0, 256, (n_train, SEQ), generator=g), torch.randint(0, 256, (n_val, SEQ), generator=g)
+    return TokenData(train=train, val=val, documents=1, tokens=train.numel() + val.numel(), seq_len=SEQ, source="t")
+
+
+def small_cfg(steps: int, **kw) -> DistillConfig:
+    base = dict(tokens=steps * 4 * SEQ, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_frac=0.05, eval_every=10**6,
+                val_batches=2, checkpoint_every=10**6, log_every=1, progress=False)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_distillation_halves_validation_kl(tmp_path, tiny_tokenizer):
+    torch.manual_seed(0)
+    teacher = sharp_teacher()
+    student = depth_pruned(teacher)
+    records = []
+    result = distill(teacher, student, token_data(), small_cfg(300, lr=1e-2, eval_every=100), out_dir=tmp_path / "out",
+                     tokenizer=tiny_tokenizer, callback=records.append)
+    assert result.steps == 300 and result.tokens == 300 * 4 * SEQ
+    assert result.last_val_kl <= 0.5 * result.first_val_kl, (result.first_val_kl, result.last_val_kl)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 100, 200, 300]
+    assert all({"step", "tokens", "val_kl", "val_ce", "lr", "tokens_per_s"} <= r.keys() for r in lines)
+    assert lines[-1]["val_kl"] == pytest.approx(result.last_val_kl)
+    train = [r for r in records if "loss" in r]
+    assert len(train) == 300 and train[-1]["tokens"] == result.tokens
+    # the saved folder is a plain transformers model that reproduces the trained student
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = token_data().val[:2]
+    torch.testing.assert_close(reloaded(ids).logits, student(ids).logits)
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("extra", [{}, {"intermediate_weight": 1.0, "grad_accum": 2, "kd_top_k": 8}],
+                         ids=["kd", "intermediate+accum+topk"])
+def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, extra):
+    def run(out, steps_budget=12, resume=False, stop_after=None):
+        torch.manual_seed(0)
+        teacher = sharp_teacher()
+        student = depth_pruned(teacher)
+        losses = []
+        cfg = small_cfg(steps_budget, checkpoint_every=4, eval_every=4, **extra)
+        cfg.tokens *= cfg.grad_accum
+
+        def cb(rec):
+            if "loss" in rec:
+                losses.append(rec["loss"])
+                if stop_after is not None and rec["step"] == stop_after:
+                    raise KeyboardInterrupt  # a crash between checkpoints
+        try:
+            distill(teacher, student, token_data(), cfg, out_dir=out, callback=cb, resume=resume)
+        except KeyboardInterrupt:
+            pass
+        return losses
+
+    full = run(tmp_path / "a")
+    interrupted = run(tmp_path / "b", stop_after=10)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-4.pt", "step-8.pt"]
+    resumed = run(tmp_path / "b", resume=True)
+    assert interrupted == full[:10]
+    assert resumed == full[8:]  # bit-equal floats from step 9 on
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 4, 8, 12]
+    assert torch.load(tmp_path / "b" / "checkpoints" / "step-8.pt", weights_only=True)["data"]["micro_batches"] \
+        == 8 * (extra.get("grad_accum", 1))
+
+
+def test_correct_teacher_lowers_validation_ce(tmp_path):
+    # text with structure (a repeating pattern) that a random model does not know yet
+    pattern = torch.arange(0, 48) % 24
+    blocks = torch.stack([pattern.roll(i)[:SEQ] for i in range(40)])
+    data = TokenData(train=blocks[:32], val=blocks[32:], documents=1, tokens=blocks.numel(), seq_len=SEQ, source="p")
+    teacher = build_tiny_model("llama", seed=3)
+    result = correct_teacher(teacher, data, small_cfg(40), out_dir=tmp_path / "c")
+    assert result.first_val_kl is None
+    assert result.val_loss_after < 0.5 * result.val_loss_before
+    assert (tmp_path / "c" / "model.safetensors").is_file()
+
+
+def test_bad_inputs_fail_before_any_step(tmp_path):
+    teacher = sharp_teacher()
+    with pytest.raises(UserError, match="vocabularies differ"):
+        distill(teacher, build_tiny_model("llama", vocab_size=300), token_data(), small_cfg(4), out_dir=tmp_path)
+    with pytest.raises(UserError, match="smaller than one optimizer step"):
+        distill(teacher, depth_pruned(teacher), token_data(), small_cfg(4, tokens=10), out_dir=tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_config_from_run_config():
+    run = CompressConfig(distill_tokens="2M", batch_size=4, lr=3e-4, kd_top_k=64, intermediate_weight=0.5)
+    cfg = DistillConfig.from_run_config(run, progress=False)
+    assert (cfg.tokens, cfg.batch_size, cfg.lr, cfg.kd_top_k, cfg.intermediate_weight, cfg.progress) == (
+        2_000_000, 4, 3e-4, 64, 0.5, False)
+    assert DistillConfig.from_run_config(run, tokens_field="correction_tokens").tokens == 1_000_000

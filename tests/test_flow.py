@@ -1,0 +1,160 @@
+"""The compress flow end to end on configs/tiny.yaml against real processes: a moto S3 server, an `mlflow server`
+(SQLite, artifacts on that S3) and Prefect's test harness. Also resume after a failure, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from minitron.config import load_config_file
+from minitron.errors import UserError
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+BUCKET = "minitron-checkpoints"
+SECRET = "testing-secret-value"  # the AWS secret the s3 fixture exports: it must appear nowhere we log
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180), temporary_settings(
+            {PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-results")}):
+        yield
+
+
+@pytest.fixture
+def services(prefect_harness, s3_env, mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINITRON_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MINITRON_WORK", str(tmp_path / "home" / "work"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("MINITRON_CHECKPOINT_STORE", f"s3://{BUCKET}/runs")
+    return mlflow_server
+
+
+def tiny(**overrides):
+    return load_config_file(TINY, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def children_of(parent_id: str) -> dict:
+    from tasks.tracking import child_runs
+
+    return {r.info.run_name: r for r in child_runs(parent_id)}
+
+
+def test_tiny_flow_end_to_end(services):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    from flows.compress import compress
+    from tasks.tracking import dump_run, metric_history
+
+    summary = compress(tiny(name="e2e", eval_limit=10))
+    client = MlflowClient()
+    parent = client.get_run(summary["parent_run_id"])
+
+    # MLflow: one parent with the flow-run tags, a child per stage and per candidate, stepped metrics
+    tags = parent.data.tags
+    assert tags["teacher"] == "tiny-random-llama" and tags["prefect.flow_run_id"] and tags["git_sha"]
+    assert tags["final_checkpoint_uri"].startswith(f"s3://{BUCKET}/runs/e2e/")
+    assert parent.data.params["distill_tokens"] == "16K"
+    children = children_of(parent.info.run_id)
+    for name in ("correct-teacher", "importance", "distill", "evaluate", "evaluate teacher", "evaluate pruned",
+                 "evaluate final"):
+        assert name in children, sorted(children)
+    candidates = [r for n, r in children.items() if n.startswith("candidate ")]
+    assert len(candidates) == 2
+    for run in candidates:
+        assert {"shape_layers", "shape_hidden", "shape_ffn", "shape_heads", "shape_kv_heads", "params"} <= set(
+            run.data.params)
+        curve = metric_history(run.info.run_id, "val_kl")
+        assert len(curve) >= 2 and curve[0][0] < curve[-1][0]  # a loss curve over steps, not one point
+    assert len(metric_history(children["distill"].info.run_id, "val_kl")) >= 2
+    assert "eval/corpus_cloze/acc" in children["evaluate final"].data.metrics
+    select = next(r for n, r in children.items() if n.endswith(": select"))
+    assert {"candidates.json", "pareto.png"} <= {a.path for a in client.list_artifacts(select.info.run_id)}
+    importance = {a.path for a in client.list_artifacts(children["importance"].info.run_id, "importance")}
+    assert {"importance/head_importance.png", "importance/layer_importance.png"} <= importance
+    assert client.get_model_version(summary["registered_model"], summary["version"]).source == \
+        tags["final_checkpoint_uri"]
+
+    # S3: every checkpoint has a manifest whose sizes and sha256 match the stored objects
+    s3 = services.s3.client()
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="runs/e2e/")
+            for o in page.get("Contents", [])]
+    manifests = [k for k in keys if k.endswith("/manifest.json")]
+    assert len(manifests) >= 5  # correct-teacher, importance, 2 candidates, distill
+    for key in manifests:
+        manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        folder = key.rsplit("/", 1)[0]
+        for entry in manifest["files"]:
+            body = s3.get_object(Bucket=BUCKET, Key=f"{folder}/{entry['path']}")["Body"].read()
+            assert len(body) == entry["size"] and hashlib.sha256(body).hexdigest() == entry["sha256"]
+
+    # Prefect: the summary, the evaluation table and the search table as artifacts
+    with get_client(sync_client=True) as prefect:
+        artifacts = {a.key: a for a in prefect.read_artifacts() if a.key}
+        logs = prefect.read_logs()
+    assert {"summary", "evaluation"} <= set(artifacts)
+    assert any(k.startswith("search-") for k in artifacts)
+    assert "final student" in artifacts["summary"].data
+
+    # secret hygiene: nothing we logged anywhere carries the credential
+    texts = [dump_run(r.info.run_id) for r in [parent, *children.values()]]
+    texts += [str(a.data) for a in artifacts.values()] + [log.message for log in logs]
+    for run in [parent, *children.values()]:
+        for artifact in client.list_artifacts(run.info.run_id):
+            if artifact.path.endswith((".json", ".md")):
+                texts.append(Path(client.download_artifacts(run.info.run_id, artifact.path)).read_text())
+    assert texts and not [t for t in texts if SECRET in t]
+
+
+def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):
+    from mlflow import MlflowClient
+
+    import minitron.search
+    from flows.compress import compress
+
+    config = tiny(name="resume", evaluate=False, search_top_k=1)
+
+    def importance_runs() -> int:
+        client = MlflowClient()
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        return len(client.search_runs(experiments, filter_string="attributes.run_name = 'importance'"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure after importance")
+
+    before = importance_runs()
+    with monkeypatch.context() as patch:
+        patch.setattr(minitron.search, "enumerate_rows", broken)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            compress(config)
+    assert importance_runs() == before + 1
+    summary = compress(config)  # the same config again: correction and importance come from the cache
+    assert importance_runs() == before + 1  # importance was not recomputed
+    children = children_of(summary["parent_run_id"])
+    assert "importance" not in children and "distill" in children
+    assert summary["final_uri"].startswith(f"s3://{BUCKET}/runs/resume/")
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"tracking_uri": "http://127.0.0.1:9"}, "cannot reach the MLflow server"),
+    ({"checkpoint_store": "s3://no-such-bucket/x"}, "no-such-bucket"),
+    ({"target_params": "10M"}, "not smaller than its teacher"),
+    ({"target_heads_per_group": 3}, "between 1 and"),
+    ({"distill_tokens": 100}, "less than one optimizer step"),
+])
+def test_bad_input_fails_in_seconds(services, override, message):
+    from flows.preflight import preflight
+
+    start = time.monotonic()
+    with pytest.raises(UserError, match=message) as err:
+        preflight(tiny(**override))
+    assert "\n" not in str(err.value)
+    assert time.monotonic() - start < 30
