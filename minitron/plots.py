@@ -42,7 +42,7 @@ def pareto_front(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
 def plot_pareto(candidates, path, winner_index: int | None = None, title: str | None = None) -> Path:
     """Parameters vs validation KL: the proxy KL of every scored candidate (hollow), the KL after the short
     distillation of the top k (filled, joined to their proxy point), the Pareto front of the distilled ones, and
-    the winner marked."""
+    the winner marked. `winner_index` is the winner's "index" field (its enumeration id), not a list position."""
     rows = _rows(candidates)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     proxied = [r for r in rows if r.get("proxy_kl") is not None]
