@@ -42,27 +42,29 @@ def pareto_front(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
 def plot_pareto(candidates, path, winner_index: int | None = None, title: str | None = None) -> Path:
     """Parameters vs validation KL: the proxy KL of every scored candidate (hollow), the KL after the short
     distillation of the top k (filled, joined to their proxy point), the Pareto front of the distilled ones, and
-    the winner marked."""
+    the winner marked. `winner_index` is the winner's "index" field (its enumeration id), not a list position."""
     rows = _rows(candidates)
+    biggest = max((r["params"] for r in rows), default=1)
+    unit, scale = next((u, s) for u, s in (("B", 1e9), ("M", 1e6), ("K", 1e3), ("", 1)) if biggest >= s)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     proxied = [r for r in rows if r.get("proxy_kl") is not None]
     done = [r for r in rows if r.get("final_kl") is not None and r.get("status") == "distilled"]
-    ax.scatter([r["params"] / 1e6 for r in proxied], [r["proxy_kl"] for r in proxied], facecolors="none",
+    ax.scatter([r["params"] / scale for r in proxied], [r["proxy_kl"] for r in proxied], facecolors="none",
                edgecolors="0.55", s=22, label="proxy (pruned, untrained)")
     for r in done:
-        ax.plot([r["params"] / 1e6] * 2, [r["proxy_kl"], r["final_kl"]], color="0.8", lw=0.8, zorder=1)
-    ax.scatter([r["params"] / 1e6 for r in done], [r["final_kl"] for r in done], color="tab:blue", s=30,
+        ax.plot([r["params"] / scale] * 2, [r["proxy_kl"], r["final_kl"]], color="0.8", lw=0.8, zorder=1)
+    ax.scatter([r["params"] / scale for r in done], [r["final_kl"] for r in done], color="tab:blue", s=30,
                zorder=3, label="after short distillation")
     front = pareto_front([(r["params"], r["final_kl"]) for r in done])
     if len(front) > 1:
-        ax.step([p / 1e6 for p, _ in front], [k for _, k in front], where="post", color="tab:blue", lw=1,
+        ax.step([p / scale for p, _ in front], [k for _, k in front], where="post", color="tab:blue", lw=1,
                 alpha=0.6, label="Pareto front")
     for r in done:
         if r["index"] == winner_index:
-            ax.scatter([r["params"] / 1e6], [r["final_kl"]], marker="*", s=260, color="tab:red", zorder=4,
+            ax.scatter([r["params"] / scale], [r["final_kl"]], marker="*", s=260, color="tab:red", zorder=4,
                        label=f"winner {r.get('name', r['index'])}")
     failed = sum(r.get("status") == "failed" for r in rows)
-    ax.set_xlabel("parameters (M)")
+    ax.set_xlabel(f"parameters ({unit})" if unit else "parameters")
     ax.set_ylabel("validation KL to teacher")
     if proxied and min(r["proxy_kl"] for r in proxied) > 0:
         ax.set_yscale("log")  # proxy KLs sit an order of magnitude above the distilled ones

@@ -213,27 +213,11 @@ def enumerate_rows(config, target_params: int, tolerance: float, *, axes: str = 
     optionally thinned to `max_candidates` spread evenly over each kind."""
     from minitron.archmath import SearchSpace, enumerate_candidates
 
-    cands = [c for c in enumerate_candidates(config, target_params, tolerance, axes=axes,
-                                             space=SearchSpace(prune_kv_groups=prune_kv_groups))
-             if _representable(config, c.shape)]
-    if not cands:
-        raise UserError(f"no shape within {tolerance:.1%} of {target_params:,} parameters can be expressed as a "
-                        f"{config.model_type} config: raise --tolerance or change --target-params")
+    cands = enumerate_candidates(config, target_params, tolerance, axes=axes,
+                                 space=SearchSpace(prune_kv_groups=prune_kv_groups))
     if max_candidates is not None and len(cands) > max_candidates:
         cands = _spread(cands, max_candidates)
     return [CandidateRow(i, c.shape, c.params, c.kind, c.drop) for i, c in enumerate(cands)]
-
-
-def _representable(config, shape) -> bool:
-    """Can the family's config class hold this shape? transformers' LlamaConfig rejects hidden sizes that are not a
-    multiple of the head count even with an explicit head_dim, so such a pruned model could not be reloaded."""
-    from minitron.archmath import config_for_shape
-
-    try:
-        config_for_shape(config, shape)
-    except Exception:  # the config class's own validation: ValueError or huggingface_hub's validation error
-        return False
-    return True
 
 
 def _spread(cands: list, n: int) -> list:
