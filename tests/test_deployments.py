@@ -4,6 +4,7 @@ server refusing bad parameters before any flow run exists."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,31 @@ def test_server_accepts_good_parameters_and_keeps_schedule(registered):
         assert run.state.is_scheduled() and run.parameters["config"]["name"] == "edited"
         (schedule,) = client.read_deployment(nightly_id).schedules
         assert (schedule.schedule.cron, schedule.schedule.timezone) == (NIGHTLY_CRON, "UTC")
+
+
+@pytest.mark.services
+def test_prefect_deploy_of_prefect_yaml(registered, tmp_path):
+    """The README's work-pool commands, for real: `prefect work-pool create` + `prefect deploy --prefect-file
+    infra/prefect.yaml --all` against the server; what lands there matches the served deployments."""
+    import subprocess
+    import sys
+
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_HOME=str(tmp_path / "prefect-home"),
+               MINITRON_REPO_DIR=str(ROOT), MINITRON_HOME=str(tmp_path / "state"))
+    prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
+    for args in (["work-pool", "create", "gpu", "--type", "process"],
+                 ["deploy", "--prefect-file", str(PREFECT_YAML), "--all"]):
+        done = subprocess.run(prefect + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    demo = load_config_file(DEMO)
+    with get_client(sync_client=True) as client:
+        for name in NAMES:
+            deployment = client.read_deployment_by_name(f"compress/{name}")
+            assert deployment.work_pool_name == "gpu" and deployment.entrypoint == "flows/compress.py:compress"
+            assert CompressConfig.model_validate(deployment.parameters["config"]) == demo
+        (schedule,) = client.read_deployment_by_name("compress/compress-nightly").schedules
+        assert schedule.schedule.cron == NIGHTLY_CRON and schedule.schedule.timezone == "Europe/Berlin"
