@@ -220,6 +220,7 @@ def test_mlflow_compare_candidates(live, browser, ui_run):
         page.get_by_text("Comparing 2 Runs from 1 Experiment").wait_for()
         for run in candidates:
             page.get_by_text(run["info"]["run_name"]).first.wait_for()
+        page.wait_for_timeout(3000)  # let the parallel-coordinates plot draw for the screenshot (no network idle here)
         shot(page, "08-mlflow-compare-candidates")
     finally:
         context.close()
