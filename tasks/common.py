@@ -140,7 +140,7 @@ class Stage:
             return
         self._last = now
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()
-                 if k in ("step", "tokens", "loss", "val_kl", "val_ce", "lr", "tokens_per_s")}
+                 if k in ("step", "tokens", "loss", "val_kl", "val_ce", "lr", "tokens_per_s") and v is not None}
         get_run_logger().info("%s %s", self.name, " ".join(f"{k}={v}" for k, v in shown.items()))
         if self._progress_id and self.total_tokens and "tokens" in record:
             from prefect.artifacts import update_progress_artifact
