@@ -30,12 +30,14 @@ class Plan:
 
 
 def preflight(config: CompressConfig) -> Plan:
-    from minitron.archmath import SearchSpace, count_params, count_shape, enumerate_candidates, shape_of
+    from minitron.archmath import count_params, count_shape, shape_of
     from minitron.data import TEXT_SUFFIXES
     from minitron.families import family_of
     from minitron.models import load_config
     from minitron.plan import drop_block, step_shapes
+    from minitron.search import enumerate_rows
     from tasks import storage, tracking
+    from tasks.search import memory_cap
 
     tracking.check_tracking(tracking_uri(config.tracking_uri))
     storage.check_store(store_uri(config.checkpoint_store))
@@ -61,9 +63,10 @@ def preflight(config: CompressConfig) -> Plan:
             raise UserError(f"target {format_count(step.target)} is not smaller than its teacher "
                             f"({format_count(previous)} parameters): lower target_params")
         # Later steps of an iterative schedule prune a winner not known yet: the teacher's shapes stand in for it.
-        if step.shape is None and not enumerate_candidates(
+        if step.shape is None and not enumerate_rows(
                 model_config, step.target, config.tolerance, axes=config.axes,
-                space=SearchSpace(prune_kv_groups=config.prune_kv_groups)):
+                prune_kv_groups=config.prune_kv_groups, max_memory_bytes=memory_cap(config),
+                context=config.seq_len):
             raise UserError(f"no pruned shape of {Path(config.teacher).name} has {format_count(step.target)} ± "
                             f"{config.tolerance:.0%} parameters: raise tolerance or change target_params")
         previous = step.target

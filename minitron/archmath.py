@@ -68,6 +68,12 @@ def count_shape(config, shape: Shape) -> int:
     return int(_count(config, shape.layers, shape.hidden, shape.ffn, shape.heads, shape.kv_heads, shape.head_dim))
 
 
+def inference_bytes(shape: Shape, params: int, context: int, bytes_per_value: int = 2) -> int:
+    """Memory to serve one sequence of `context` tokens: the weights plus the K and V cache of every layer, in
+    bf16 by default. Depth pruning shrinks the cache, width pruning of hidden/MLP does not: the cap can tell them apart."""
+    return params * bytes_per_value + 2 * shape.layers * shape.kv_heads * shape.head_dim * context * bytes_per_value
+
+
 def config_for_shape(config, shape: Shape, kept_layers: list[int] | None = None):
     """A new config of the same class at `shape`. `kept_layers` (original indices, default the first
     `shape.layers`) keeps the per-layer lists (layer_types, max_window_layers) consistent with the kept layers."""

@@ -106,6 +106,9 @@ class CompressConfig(BaseModel):
     # --- stage switches and budgets (tokens) ---------------------------------------------------------------------
     correct_teacher: bool = Field(True, description="Stage 1: fine-tune the teacher on the corpus first.")
     correction_tokens: Count = Field("1M", description="Teacher-correction budget in tokens.")
+    memory_cap_gib: float | None = Field(None, gt=0, description="Only shapes whose bf16 weights plus the KV cache "
+                                         "of one seq_len sequence fit in this many GiB (inference memory); empty = "
+                                         "no cap.")
     search_max_candidates: int = Field(24, ge=1, description="Shapes scored by the proxy at most (spread evenly "
                                        "over width, depth and mixed shapes).")
     search_top_k: int = Field(4, ge=1, le=16, description="Candidates that get a short distillation.")

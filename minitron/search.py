@@ -208,13 +208,23 @@ class ShortDistill:
 
 
 def enumerate_rows(config, target_params: int, tolerance: float, *, axes: str = "all",
-                   prune_kv_groups: bool = False, max_candidates: int | None = None) -> list[CandidateRow]:
+                   prune_kv_groups: bool = False, max_candidates: int | None = None,
+                   max_memory_bytes: int | None = None, context: int = 2048) -> list[CandidateRow]:
     """The candidates within budget (archmath's enumeration: width, depth, mixed and contiguous-block depth shapes),
-    optionally thinned to `max_candidates` spread evenly over each kind."""
-    from minitron.archmath import SearchSpace, enumerate_candidates
+    without those whose inference memory (bf16 weights + KV cache of one `context`-token sequence) exceeds
+    `max_memory_bytes`, optionally thinned to `max_candidates` spread evenly over each kind."""
+    from minitron.archmath import SearchSpace, enumerate_candidates, inference_bytes
 
     cands = enumerate_candidates(config, target_params, tolerance, axes=axes,
                                  space=SearchSpace(prune_kv_groups=prune_kv_groups))
+    if max_memory_bytes is not None:
+        fits = [c for c in cands if inference_bytes(c.shape, c.params, context) <= max_memory_bytes]
+        if cands and not fits:
+            least = min(inference_bytes(c.shape, c.params, context) for c in cands)
+            raise UserError(f"no shape within the budget fits the memory cap of {max_memory_bytes / 2**30:.2f} GiB "
+                            f"(the smallest needs {least / 2**30:.2f} GiB with a {context}-token KV cache): raise "
+                            "the cap or lower the target")
+        cands = fits
     if max_candidates is not None and len(cands) > max_candidates:
         cands = _spread(cands, max_candidates)
     return [CandidateRow(i, c.shape, c.params, c.kind, c.drop) for i, c in enumerate(cands)]
@@ -307,7 +317,8 @@ def select(rows: list[CandidateRow], target_params: int, model=None) -> SearchRe
 
 def search(teacher, scores, data, *, target_params: int, tolerance: float = 0.05, top_k: int = 4,
            tokens_per_candidate: int, axes: str = "all", prune_kv_groups: bool = False, proxy_batches: int = 2,
-           batch_size: int = 8, max_candidates: int | None = None, seed: int = 0,
+           batch_size: int = 8, max_candidates: int | None = None, max_memory_bytes: int | None = None,
+           seed: int = 0,
            make_candidate: Callable = prune_candidate, proxy: Callable | None = None,
            short_distill: Callable | None = None, on_candidate: Callable[[Event], None] | None = None,
            out_dir: str | Path | None = None, rows: list[CandidateRow] | None = None) -> SearchResult:
@@ -325,7 +336,8 @@ def search(teacher, scores, data, *, target_params: int, tolerance: float = 0.05
         rows = [CandidateRow(r.index, r.shape, r.params, r.kind, r.drop) for r in rows]
     else:
         rows = enumerate_rows(teacher.config, target_params, tolerance, axes=axes, prune_kv_groups=prune_kv_groups,
-                              max_candidates=max_candidates)
+                              max_candidates=max_candidates, max_memory_bytes=max_memory_bytes,
+                              context=data.seq_len)
     if proxy is None:
         if len(data.val) == 0:
             raise UserError("the corpus has no validation blocks: lower --seq-len or raise --val-fraction")

@@ -38,7 +38,7 @@ STAGE_FIELDS = {
     "correct-teacher": (*DATA, *TRAIN, "teacher", "correction_tokens"),
     "importance": (*DATA, "calib_samples", "calib_seq_len", "seq_agg", "batch_agg", "batch_size", "val_batches"),
     "rank-candidates": (*DATA, "tolerance", "axes", "prune_kv_groups", "proxy_batches", "search_max_candidates",
-                        "layer_metric", "batch_size"),
+                        "memory_cap_gib", "layer_metric", "batch_size"),
     "distill-candidate": (*DATA, *TRAIN, "search_tokens", "layer_metric"),
     "select-architecture": ("name",),
     "prune": (*DATA, "layer_metric"),

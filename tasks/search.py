@@ -38,6 +38,10 @@ def _shape_params(row: dict) -> dict:
             "drop": row["drop"]}
 
 
+def memory_cap(config: CompressConfig) -> int | None:
+    return int(config.memory_cap_gib * 2**30) if config.memory_cap_gib else None
+
+
 def _make_candidate(config: CompressConfig):
     from minitron.search import prune_candidate
 
@@ -50,12 +54,13 @@ def rank_candidates(config: CompressConfig, ctx: RunContext, teacher: dict, scor
     from minitron.search import ValidationKL, enumerate_rows, proxy_candidates
 
     params = {**stage_params(config, "tolerance", "axes", "prune_kv_groups", "proxy_batches",
-                             "search_max_candidates"), "target_params": target}
+                             "search_max_candidates", "memory_cap_gib"), "target_params": target}
     with stage(ctx, f"search {format_count(target)}: proxy", params) as s:
         model, tokenizer = load_run_model(config, teacher, ctx)
         data = load_run_data(config, tokenizer)
         rows = enumerate_rows(model.config, target, config.tolerance, axes=config.axes,
-                              prune_kv_groups=config.prune_kv_groups, max_candidates=config.search_max_candidates)
+                              prune_kv_groups=config.prune_kv_groups, max_candidates=config.search_max_candidates,
+                              max_memory_bytes=memory_cap(config), context=config.seq_len)
         proxy = ValidationKL(model, data.val[: config.proxy_batches * config.batch_size], config.batch_size)
         ranked = proxy_candidates(model, _load_scores(ctx, scores), rows, proxy,
                                   make_candidate=_make_candidate(config))

@@ -210,6 +210,25 @@ def test_enumeration_skips_shapes_the_config_class_rejects(tiny_model):
     assert shapes["llama"] == {(s, p) for s, p in shapes["mistral"] if s.hidden % s.heads == 0}
 
 
+def test_memory_cap_keeps_exactly_the_shapes_that_fit(tiny_model):
+    """Inference memory = bf16 weights + K and V of every layer for one context: 2 bytes x (params +
+    2 x layers x kv_heads x head_dim x context). The cap keeps exactly the shapes at or under it."""
+    from minitron.errors import UserError
+    from minitron.search import enumerate_rows
+
+    config = tiny_model("llama").config
+    context = 128
+    every = enumerate_rows(config, 100_000, 0.1)
+    need = {r.index: 2 * (r.params + 2 * r.shape.layers * r.shape.kv_heads * r.shape.head_dim * context)
+            for r in every}
+    cap = sorted(need.values())[len(need) // 2]  # the median: some shapes fit, some do not
+    kept = enumerate_rows(config, 100_000, 0.1, max_memory_bytes=cap, context=context)
+    assert {(r.shape, r.drop) for r in kept} == {(r.shape, r.drop) for r in every if need[r.index] <= cap}
+    assert 0 < len(kept) < len(every)
+    with pytest.raises(UserError, match="memory cap"):
+        enumerate_rows(config, 100_000, 0.1, max_memory_bytes=min(need.values()) - 1, context=context)
+
+
 def _kl_full_logits(teacher, student, blocks):
     """Mean per-token KL(teacher ‖ student) from full logits, the reference for the proxy."""
     import torch.nn.functional as F

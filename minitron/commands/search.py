@@ -30,6 +30,8 @@ def register(sub) -> None:
                    help="layer ranking for depth pruning: LM-loss increase when skipped, or Block Influence")
     p.add_argument("--max-candidates", type=int, default=24,
                    help="proxy-score at most this many shapes, spread over kinds and sizes")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="only shapes whose bf16 weights + KV cache of one --seq-len sequence fit in this many GiB")
     p.add_argument("--proxy-batches", type=int, default=2, help="validation batches for the proxy KL")
     p.add_argument("--top-k", type=int, default=4, help="candidates that get the short distillation")
     p.add_argument("--tokens-per-candidate", required=True, help="short-distillation budget in tokens, e.g. 400K")
@@ -88,7 +90,9 @@ def run(args) -> int:
                         f"{args.seq_len} tokens): raise it or lower --batch-size/--seq-len")
     config = load_config(args.model, trust_remote_code=args.trust_remote_code)
     targets = _targets(args.target_params, count_params(config))
-    enumerate_rows(config, targets[0], args.tolerance, axes=args.axes, prune_kv_groups=args.prune_kv_groups)
+    cap = int(args.memory_cap_gib * 2**30) if args.memory_cap_gib else None
+    enumerate_rows(config, targets[0], args.tolerance, axes=args.axes, prune_kv_groups=args.prune_kv_groups,
+                   max_memory_bytes=cap, context=args.seq_len)
     if not Path(args.scores).is_file():
         raise UserError(f"scores file '{args.scores}' does not exist: run `minitron importance` first")
     scores = ImportanceScores.load(args.scores)
@@ -113,7 +117,8 @@ def run(args) -> int:
                                 device=args.device, dtype=args.dtype, progress=False)
     common = dict(tolerance=args.tolerance, top_k=args.top_k, tokens_per_candidate=tokens, axes=args.axes,
                   prune_kv_groups=args.prune_kv_groups, proxy_batches=args.proxy_batches,
-                  batch_size=args.batch_size, max_candidates=args.max_candidates, seed=args.seed,
+                  batch_size=args.batch_size, max_candidates=args.max_candidates, max_memory_bytes=cap,
+                  seed=args.seed,
                   make_candidate=partial(prune_candidate, layer_metric=args.layer_metric),
                   short_distill=ShortDistill(distill_cfg, tokenizer), on_candidate=_print_event)
     start = time.perf_counter()
