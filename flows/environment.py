@@ -32,6 +32,8 @@ def use_embedded_defaults() -> None:
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
     os.environ.setdefault("MINITRON_WORK", str(home / "work"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # per-file progress bars of model loading and saving would drown the stage progress lines in flow logs
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def tracking_uri(configured: str | None) -> str:
