@@ -43,7 +43,7 @@ STAGE_FIELDS = {
     "select-architecture": ("name",),
     "prune": (*DATA, "layer_metric"),
     "distill": (*DATA, *TRAIN, "distill_tokens"),
-    "evaluate": (*DATA, "eval_preset", "eval_limit", "layer_metric"),
+    "evaluate": (*DATA, "eval_preset", "eval_limit", "layer_metric"),  # DATA holds dtype: it changes the scores
 }
 
 

@@ -62,7 +62,8 @@ def evaluate_models(config: CompressConfig, ctx: RunContext, teacher: dict, prun
             out = s.work / f"{name}.json"
             if not out.is_file():  # finished evaluations survive a retry of the stage
                 args = ["evaluate", path, "--preset", config.eval_preset, "--data", config.data, "--val-fraction",
-                        str(config.val_fraction), "--seed", str(config.seed), "--out", str(out)]
+                        str(config.val_fraction), "--seed", str(config.seed), "--device", config.device,
+                        "--dtype", config.dtype, "--out", str(out)]
                 if config.eval_limit:
                     args += ["--limit", str(config.eval_limit)]
                 _run_cli(args, f"lm-eval on the {name} model")
