@@ -14,7 +14,7 @@ from minitron.archmath import Shape, count_shape, shape_of
 from minitron.cli import main
 from minitron.errors import UserError
 from minitron.importance import ImportanceScores, compute_importance
-from minitron.prune import prune, save_pruned
+from minitron.prune import norm_factor, prune, save_pruned
 
 IDS = torch.randint(0, 256, (4, 20), generator=torch.Generator().manual_seed(2))
 VARIANTS = [(f, t) for f in FAMILIES for t in (True, False)]
@@ -104,6 +104,15 @@ def test_cli_importance_then_prune(tiny_model_dir, text_corpus, tmp_path, capsys
                  "--ffn", "64", "--heads-per-group", "1", "--out", str(out)]) == 0
     back = AutoModelForCausalLM.from_pretrained(out)
     assert shape_of(back.config) == Shape(2, 48, 64, 2, 2, 16)
+    plain_norm = back.model.norm.weight
+    assert main(["prune", str(tiny_model_dir), "--scores", str(scores), "--drop-layers", "2-3", "--hidden", "48",
+                 "--ffn", "64", "--heads-per-group", "1", "--rescale-norms", "--compensate-mlp",
+                 "--out", str(out)]) == 0
+    both = AutoModelForCausalLM.from_pretrained(out)
+    s = ImportanceScores.load(scores)
+    factor = norm_factor(s, torch.sort(s.hidden, descending=True, stable=True).indices[:48])
+    assert factor != 1 and both.config.mlp_bias and both.model.layers[0].mlp.down_proj.bias.abs().max() > 0
+    torch.testing.assert_close(both.model.norm.weight, plain_norm * factor)
     capsys.readouterr()
     # errors come before any weights are read: a config-only folder of another shape, a shape that cannot be
     config_only = tmp_path / "other"
@@ -115,6 +124,13 @@ def test_cli_importance_then_prune(tiny_model_dir, text_corpus, tmp_path, capsys
     assert main(["prune", str(tiny_model_dir), "--scores", str(scores), "--kv-groups", "3",
                  "--out", str(tmp_path / "x")]) == 2
     assert "cannot grow attention" in capsys.readouterr().err
+    mistral_dir = tmp_path / "mistral"
+    mistral_dir.mkdir()
+    (mistral_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
+    mistral_scores = compute_importance(build_tiny_model("mistral"), IDS[:2]).save(tmp_path / "m.safetensors")
+    assert main(["prune", str(mistral_dir), "--scores", str(mistral_scores), "--compensate-mlp",
+                 "--out", str(tmp_path / "x")]) == 2  # config only: refused before any weights are read
+    assert "only llama, nemotron support it" in capsys.readouterr().err
     (config_only / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     assert main(["candidates", str(config_only), "--target-params", "10K"]) == 2
     assert "unsupported architecture" in capsys.readouterr().err
@@ -212,7 +228,8 @@ def test_compensate_mlp_folds_removed_neurons_into_down_bias(tmp_path, tiny_toke
     hid = torch.sort(s.hidden, descending=True, stable=True).indices
     expected = model.model.layers[1].mlp.down_proj.weight.double()[hid][:, removed] @ mean[removed]
     torch.testing.assert_close(comp.model.layers[1].mlp.down_proj.bias.double(), expected, rtol=1e-4, atol=1e-6)
-    assert comp.model.layers[1].mlp.gate_proj.bias.abs().max() == 0 == comp.model.layers[1].mlp.up_proj.bias.abs().max()
+    mlp = comp.model.layers[1].mlp
+    assert mlp.gate_proj.bias.abs().max() == 0 == mlp.up_proj.bias.abs().max()
     with torch.no_grad():
         t = model(EVAL).logits
         kl_plain, kl_comp = teacher_kl(t, plain(EVAL).logits), teacher_kl(t, comp(EVAL).logits)
