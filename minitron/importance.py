@@ -140,8 +140,8 @@ def _normalised_sq_sum(norm, x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     if isinstance(norm, torch.nn.LayerNorm):
         x = x - x.mean(-1, keepdim=True)
-    sq = x * x
-    return (sq / sq.mean(-1, keepdim=True).clamp_min(1e-12)).sum((0, 1), dtype=torch.float64)
+    sq = x.square()
+    return torch.einsum("bt,btc->c", 1 / sq.mean(-1).clamp_min(1e-12), sq).double()  # no [B, T, H] quotient
 
 
 def _hidden_states(args, kwargs) -> torch.Tensor:
@@ -207,7 +207,7 @@ def compute_importance(model, calib: torch.Tensor, *, batch_size: int = 8, seq_a
     def on_down_proj(i):
         def hook(mod, args):
             neurons[i].add(_seq_agg(args[0].abs(), seq_agg))
-            neuron_sum[i] += args[0].sum((0, 1), dtype=torch.float64)
+            neuron_sum[i] += args[0].float().sum((0, 1))  # fp32 within a batch, fp64 across batches
         return hook
 
     def on_norm(j):
