@@ -23,6 +23,7 @@ class Family:
     mlp_bias: str | bool  # bool, or the config attribute that switches MLP biases on
     hidden_per_head: bool = False  # the config class rejects a hidden size that is not a multiple of the heads
     # (LlamaConfig's validator, even with an explicit head_dim)
+    norm_weight_offset: float = 0.0  # the norm scales by weight + offset (Nemotron's LayerNorm1P stores w - 1)
 
     def has(self, config, what: str) -> bool:
         """Is the bias `what` ("qkv_bias", "o_bias", "mlp_bias") present for this config?"""
@@ -39,7 +40,8 @@ FAMILIES = {
     "mistral": Family("mistral", True, False, False, False, False, False),
     "qwen2": Family("qwen2", True, False, False, True, False, False),
     "qwen3": Family("qwen3", True, True, False, "attention_bias", "attention_bias", False),
-    "nemotron": Family("nemotron", False, False, True, "attention_bias", "attention_bias", "mlp_bias"),
+    "nemotron": Family("nemotron", False, False, True, "attention_bias", "attention_bias", "mlp_bias",
+                       norm_weight_offset=1.0),
 }
 
 # The norms of a layer that feed a linear layer: their outputs are the hidden channels the importance pass scores.

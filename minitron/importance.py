@@ -8,6 +8,8 @@ the papers' default is mean over the sequence, L2 over samples.
   kv groups sum of the scores of the query heads that share the group
   neurons   |input of down_proj|
   hidden    |output| of every norm feeding a linear layer (both norms of every layer and the final norm), summed
+  energy    (for the optional norm rescaling) mean of (x_c / rms(x))^2 per hidden channel at the input of those norms,
+            averaged over the norms; and (for the optional MLP compensation) the signed mean of each down_proj input
   layers    Block Influence 1 - cos(layer input, layer output), mean over tokens; and the increase of validation
             LM loss when the layer is skipped (a forward hook hands back the layer's input)
 """
@@ -69,14 +71,18 @@ class ImportanceScores:
     layer_bi: torch.Tensor  # [layers] Block Influence (higher = more important)
     layer_loss: torch.Tensor | None  # [layers] validation loss increase when skipped; None without val blocks
     meta: dict = field(default_factory=dict)  # model_type, shape, source, calibration, seq_agg, batch_agg
+    # Optional (None in score files written before they existed); used only by prune's off-by-default options.
+    hidden_energy: torch.Tensor | None = None  # [hidden] E[(x_c / rms(x))^2] at the norms' inputs (mean ~1)
+    neuron_mean: torch.Tensor | None = None  # [layers, ffn] signed mean of down_proj's input over all tokens
+
+    OPTIONAL = ("layer_loss", "hidden_energy", "neuron_mean")
 
     def save(self, path, meta: dict | None = None) -> Path:
         from safetensors.torch import save_file
 
         self.meta.update(meta or {})
         tensors = {k: getattr(self, k).contiguous() for k in ("heads", "kv_groups", "neurons", "hidden", "layer_bi")}
-        if self.layer_loss is not None:
-            tensors["layer_loss"] = self.layer_loss.contiguous()
+        tensors.update({k: getattr(self, k).contiguous() for k in self.OPTIONAL if getattr(self, k) is not None})
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={"minitron": json.dumps(self.meta)})
@@ -94,7 +100,16 @@ class ImportanceScores:
             raise UserError(f"cannot read scores '{path}': {str(err).splitlines()[0][:200]}") from None
         if not meta or "shape" not in meta:
             raise UserError(f"'{path}' is not a minitron scores file (no metadata): run `minitron importance`")
-        return cls(t["heads"], t["kv_groups"], t["neurons"], t["hidden"], t["layer_bi"], t.get("layer_loss"), meta)
+        return cls(t["heads"], t["kv_groups"], t["neurons"], t["hidden"], t["layer_bi"], t.get("layer_loss"), meta,
+                   hidden_energy=t.get("hidden_energy"), neuron_mean=t.get("neuron_mean"))
+
+    def require(self, what: str, option: str) -> torch.Tensor:
+        """The optional statistic `what`, or a UserError for a scores file written before it existed."""
+        value = getattr(self, what)
+        if value is None:
+            raise UserError(f"{option} needs '{what}', which these scores lack (written by an older version): "
+                            "recompute them with `minitron importance`")
+        return value
 
     @property
     def shape(self) -> Shape:
@@ -117,6 +132,16 @@ class ImportanceScores:
             raise UserError("these scores have no layer-loss ranking (computed without validation blocks): "
                             "use layer_metric='bi' or recompute with validation data")
         return self.layer_loss
+
+
+def _normalised_sq_sum(norm, x: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of (x_c / rms(x))^2 per channel [hidden] (fp64) at a norm's input; LayerNorms (Nemotron)
+    normalise the centred input, so that is what they see."""
+    x = x.float()
+    if isinstance(norm, torch.nn.LayerNorm):
+        x = x - x.mean(-1, keepdim=True)
+    sq = x.square()
+    return torch.einsum("bt,btc->c", 1 / sq.mean(-1).clamp_min(1e-12), sq).double()  # no [B, T, H] quotient
 
 
 def _hidden_states(args, kwargs) -> torch.Tensor:
@@ -168,6 +193,8 @@ def compute_importance(model, calib: torch.Tensor, *, batch_size: int = 8, seq_a
     hidden = [_Accumulator() for _ in range(2 * len(layers) + 1)]
     device = next(model.parameters()).device
     bi_sum = torch.zeros(len(layers), dtype=torch.float64, device=device)  # stays on device: no sync per batch
+    energy_sum = torch.zeros(shape.hidden, dtype=torch.float64, device=device)  # summed over tokens and norms
+    neuron_sum = torch.zeros(len(layers), shape.ffn, dtype=torch.float64, device=device)
     tokens = 0
 
     def on_o_proj(i):
@@ -178,10 +205,16 @@ def compute_importance(model, calib: torch.Tensor, *, batch_size: int = 8, seq_a
         return hook
 
     def on_down_proj(i):
-        return lambda mod, args: neurons[i].add(_seq_agg(args[0].abs(), seq_agg))
+        def hook(mod, args):
+            neurons[i].add(_seq_agg(args[0].abs(), seq_agg))
+            neuron_sum[i] += args[0].float().sum((0, 1))  # fp32 within a batch, fp64 across batches
+        return hook
 
     def on_norm(j):
-        return lambda mod, args, out: hidden[j].add(_seq_agg(out.abs(), seq_agg))
+        def hook(mod, args, out):
+            hidden[j].add(_seq_agg(out.abs(), seq_agg))
+            energy_sum.add_(_normalised_sq_sum(mod, args[0]))
+        return hook
 
     def on_layer(i):
         def hook(mod, args, kwargs, out):
@@ -220,4 +253,6 @@ def compute_importance(model, calib: torch.Tensor, *, batch_size: int = 8, seq_a
         layer_bi=(bi_sum / tokens).float().cpu(),
         layer_loss=None if val_blocks is None else layer_skip_losses(model, val_blocks, batch_size),
         meta=meta,
+        hidden_energy=(energy_sum / (tokens * len(hidden))).float().cpu(),
+        neuron_mean=(neuron_sum / tokens).float().cpu(),
     )

@@ -4,6 +4,13 @@ Units are kept in importance order on every axis (also on axes that keep their s
 pure permutation and must reproduce the logits exactly: that is the test that every slice is consistent.
 GQA stays valid: KV groups are ranked by their group score, and every kept group keeps the same number of its own
 best query heads. head_dim is never pruned (Qwen3's per-head q/k norms are copied as they are).
+
+Two options, off by default, for ablations (both need the optional statistics of the importance pass):
+  rescale_norms   a norm divides by the RMS of the channels that remain; kept channels carry more energy than
+                  average, so after hidden pruning every norm output would shrink. Every kept hidden norm's scale is
+                  multiplied by rms_kept / rms_full ~ sqrt(mean over kept channels of E[(x_c / rms_full)^2]).
+  compensate_mlp  FLAP-style: a removed MLP neuron j adds its mean activation mean_j * W_down[:, j] as a constant,
+                  folded into a down_proj bias (families whose config can switch MLP biases on).
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import torch
 
 from minitron.archmath import Shape, config_for_shape, shape_of
 from minitron.errors import UserError
-from minitron.families import family_of
+from minitron.families import FAMILIES, LAYER_NORMS, family_of
 from minitron.importance import ImportanceScores
 
 
@@ -72,17 +79,45 @@ def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
+def check_options(config, scores: ImportanceScores, *, rescale_norms: bool = False,
+                  compensate_mlp: bool = False) -> None:
+    """Raise a UserError when an option cannot be applied to this model or these scores."""
+    if rescale_norms:
+        scores.require("hidden_energy", "rescale_norms")
+    if compensate_mlp:
+        scores.require("neuron_mean", "compensate_mlp")
+        if not isinstance(family_of(config).mlp_bias, str):
+            can = [f.model_type for f in FAMILIES.values() if isinstance(f.mlp_bias, str)]
+            raise UserError(f"compensate_mlp needs an MLP bias, which {config.model_type} configs cannot hold: "
+                            f"only {', '.join(can)} support it")
+
+
+def norm_factor(scores: ImportanceScores, hid: torch.Tensor) -> float:
+    """rms_kept / rms_full for the kept hidden channels `hid` (1 when all are kept)."""
+    e = scores.hidden_energy.double()
+    return float((e[hid].mean() / e.mean()).sqrt())
+
+
+def _removed_neurons_bias(down: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor, hid: torch.Tensor):
+    """sum over removed neurons j of mean_j * W_down[hid, j]: the removed neurons' average contribution."""
+    removed = torch.ones(len(mean), dtype=torch.bool)
+    removed[kept] = False
+    return down[hid][:, removed].float() @ mean[removed].to(down.device)
+
+
 @torch.no_grad()
 def prune(model, scores: ImportanceScores, shape: Shape, *, drop_layers: tuple[int, int] | None = None,
-          layer_metric: str = "loss"):
+          layer_metric: str = "loss", rescale_norms: bool = False, compensate_mlp: bool = False):
     """A new model of `shape` holding the kept slices of `model` (same dtype and device). `drop_layers` is a
-    0-indexed inclusive block; otherwise the lowest-ranked layers by `layer_metric` ("loss" or "bi") are dropped."""
+    0-indexed inclusive block; otherwise the lowest-ranked layers by `layer_metric` ("loss" or "bi") are dropped.
+    `rescale_norms` and `compensate_mlp`: see the module docstring."""
     from transformers import AutoModelForCausalLM
 
     config = model.config
-    family_of(config)
+    fam = family_of(config)
     scores.check_matches(config)
     check_shape(config, shape, drop_layers)
+    check_options(config, scores, rescale_norms=rescale_norms, compensate_mlp=compensate_mlp)
     full = shape_of(config)
     layers = kept_layers(scores, full.layers, shape.layers, drop_layers, layer_metric)
     hid = _top(scores.hidden, shape.hidden)
@@ -90,10 +125,13 @@ def prune(model, scores: ImportanceScores, shape: Shape, *, drop_layers: tuple[i
     p = next(model.parameters())
 
     new_config = config_for_shape(config, shape, layers)
+    if compensate_mlp:
+        setattr(new_config, fam.mlp_bias, True)  # the compensation lives in down_proj's bias
     with torch.device(p.device):
         new = AutoModelForCausalLM.from_config(new_config, dtype=p.dtype)
+    factor = norm_factor(scores, hid) if rescale_norms else 1.0
     sd = {}
-    for name in new.state_dict():
+    for name, like in new.state_dict().items():
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             sd[name] = old[name][:, hid]
         elif name.startswith("model.norm."):
@@ -101,9 +139,24 @@ def prune(model, scores: ImportanceScores, shape: Shape, *, drop_layers: tuple[i
         elif name.startswith("model.layers."):
             _, _, idx, rest = name.split(".", 3)
             src = layers[int(idx)]
-            sd[name] = _slice_layer(rest, old[f"model.layers.{src}.{rest}"], scores, src, full, shape, hid)
+            key = f"model.layers.{src}.{rest}"
+            if key in old:
+                sd[name] = _slice_layer(rest, old[key], scores, src, full, shape, hid)
+            elif compensate_mlp and rest.startswith("mlp.") and rest.endswith(".bias"):
+                sd[name] = torch.zeros_like(like)  # MLP biases the source model did not have
+            else:
+                raise UserError(f"do not know how to prune parameter '{name}' of {type(model).__name__}")
+            if compensate_mlp and rest == "mlp.down_proj.bias":
+                kept = _top(scores.neurons[src], shape.ffn)
+                comp = _removed_neurons_bias(old[f"model.layers.{src}.mlp.down_proj.weight"],
+                                             scores.neuron_mean[src], kept, hid)
+                sd[name] = (sd[name].float() + comp).to(like.dtype)
         else:
             raise UserError(f"do not know how to prune parameter '{name}' of {type(model).__name__}")
+        if factor != 1.0 and name.endswith(tuple(f"{n}.weight" for n in (*LAYER_NORMS, "model.norm"))):
+            # w' = w * rms_kept / rms_full, on the effective scale (weight + offset for Nemotron's LayerNorm1P)
+            off = fam.norm_weight_offset
+            sd[name] = ((sd[name].float() + off) * factor - off).to(like.dtype)
     new.load_state_dict(sd, strict=True)
     new.eval()
     new.name_or_path = getattr(model, "name_or_path", "")

@@ -59,7 +59,7 @@ def test_scores_round_trip_and_refuse_another_model(tmp_path):
     s = compute_importance(model, IDS, batch_size=3)
     path = s.save(tmp_path / "s.safetensors", {"calibration": {"samples": 6, "seq_len": 24, "data": "x"}})
     back = ImportanceScores.load(path)
-    for k in ("heads", "kv_groups", "neurons", "hidden", "layer_bi"):
+    for k in ("heads", "kv_groups", "neurons", "hidden", "layer_bi", "hidden_energy", "neuron_mean"):
         assert torch.equal(getattr(back, k), getattr(s, k))
     assert back.layer_loss is None and back.meta["calibration"]["data"] == "x" and back.meta["batch_agg"] == "l2"
     back.check_matches(model.config)
@@ -71,3 +71,25 @@ def test_scores_round_trip_and_refuse_another_model(tmp_path):
         back.layer_ranking("loss")
     with pytest.raises(UserError, match="seq_agg must be one of"):
         compute_importance(model, IDS, seq_agg="max")
+
+
+@pytest.mark.parametrize("family", ["llama", "nemotron"])
+def test_energy_and_neuron_means_match_a_hand_computation(family):
+    """hidden_energy: E[(x_c / rms(x))^2] at every hidden norm's input (centred for Nemotron's LayerNorm), averaged
+    over the norms; neuron_mean: the signed mean of down_proj's input."""
+    model = build_tiny_model(family)
+    norms = [m for n, m in model.named_modules() if n.endswith(("layernorm", "model.norm"))]
+    seen, down = [], []
+    handles = [n.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone())) for n in norms]
+    handles.append(model.model.layers[2].mlp.down_proj.register_forward_pre_hook(lambda m, a: down.append(a[0])))
+    s = compute_importance(model, IDS, batch_size=4)
+    for h in handles:
+        h.remove()
+    x = torch.cat(seen).double()  # [norms * samples, tokens, hidden]
+    if family == "nemotron":
+        x = x - x.mean(-1, keepdim=True)
+    expected = (x.pow(2) / x.pow(2).mean(-1, keepdim=True)).mean((0, 1))
+    assert len(norms) == 9 and abs(expected.mean().item() - 1) < 1e-9  # it is a distribution over channels
+    torch.testing.assert_close(s.hidden_energy.double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(s.neuron_mean[2].double(), torch.cat(down).double().mean((0, 1)), rtol=1e-5,
+                               atol=1e-7)

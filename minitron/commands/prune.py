@@ -21,6 +21,12 @@ def register(sub) -> None:
     p.add_argument("--ffn", type=int, help="MLP intermediate size to keep")
     p.add_argument("--heads-per-group", type=int, help="query heads to keep in every KV group")
     p.add_argument("--kv-groups", type=int, help="KV groups to keep")
+    p.add_argument("--rescale-norms", action="store_true",
+                   help="ablation: scale the kept norms by rms_kept/rms_full so norm outputs keep their size "
+                        "after hidden pruning")
+    p.add_argument("--compensate-mlp", action="store_true",
+                   help="ablation (FLAP): fold removed MLP neurons' mean output into a down_proj bias "
+                        "(llama, nemotron)")
     p.add_argument("--out", required=True, help="output folder (save_pretrained + tokenizer)")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -44,7 +50,7 @@ def run(args) -> int:
     from minitron.config import format_count
     from minitron.importance import ImportanceScores
     from minitron.models import load_config
-    from minitron.prune import check_shape, prune, save_pruned
+    from minitron.prune import check_options, check_shape, prune, save_pruned
 
     # Everything that can be wrong is checked on the config and the scores file, before weights are read.
     config = load_config(args.model, trust_remote_code=args.trust_remote_code)
@@ -57,13 +63,15 @@ def run(args) -> int:
     per = args.heads_per_group or full.heads_per_group
     shape = Shape(layers, args.hidden or full.hidden, args.ffn or full.ffn, per * kv, kv, full.head_dim)
     check_shape(config, shape, drop)
+    check_options(config, scores, rescale_norms=args.rescale_norms, compensate_mlp=args.compensate_mlp)
     if args.layers and args.layers < full.layers:
         scores.layer_ranking(args.layer_metric)  # the chosen ranking must exist
     model, tokenizer = load_model_from_args(args.model, args)
     start = time.perf_counter()
-    pruned = prune(model, scores, shape, drop_layers=drop, layer_metric=args.layer_metric)
+    pruned = prune(model, scores, shape, drop_layers=drop, layer_metric=args.layer_metric,
+                   rescale_norms=args.rescale_norms, compensate_mlp=args.compensate_mlp)
     save_pruned(pruned, tokenizer, args.out)
-    before, after = count_shape(config, full), count_shape(config, shape)
+    before, after = count_shape(config, full), count_shape(pruned.config, shape)  # MLP biases if compensated
     print(f"{full} ({format_count(before)}) -> {shape} ({format_count(after)}, {after / before:.1%}) "
           f"in {time.perf_counter() - start:.1f} s -> {args.out}")
     return 0
