@@ -51,8 +51,9 @@ def export_student(config: CompressConfig, ctx: RunContext, teacher: dict, prune
              f"| teacher | {format_count(teacher['params'])} | `{teacher['uri']}` |",
              f"| pruned winner `{pruned.get('name')}` | {format_count(pruned['params'])} | re-pruned from teacher |",
              f"| final student | {format_count(student['params'])} | `{student['uri']}` |", "",
-             f"Final validation KL to the teacher: {student['val_kl']:.4f} (before distillation: "
-             f"{student['val_kl_before']:.4f}).", ""]
+             f"Validation KL to the teacher: {_fmt(pruned.get('proxy_kl'))} right after pruning, "
+             f"{student['val_kl_before']:.4f} when the final distillation started, {student['val_kl']:.4f} at its end.",
+             ""]
     if pruned.get("table"):
         lines += ["## Candidates", "", "| candidate | params | proxy KL | KL after short distillation | status |",
                   "|---|---|---|---|---|"]

@@ -129,7 +129,7 @@ def select_architecture(config: CompressConfig, ctx: RunContext, target: int, pr
     get_run_logger().info("search %s: winner %s (val KL %.4f), Kendall tau %s", format_count(target),
                           winner["name"], winner["final_kl"], tau)
     return {"uri": winner["uri"], "params": winner["params"], "shape": winner["shape"], "drop": winner["drop"],
-            "name": winner["name"], "kendall_tau": tau, "table": rows}
+            "name": winner["name"], "proxy_kl": winner["proxy_kl"], "kendall_tau": tau, "table": rows}
 
 
 def _round(x):
