@@ -132,7 +132,7 @@ def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):
 
     before = importance_runs()
     with monkeypatch.context() as patch:
-        patch.setattr(minitron.search, "enumerate_rows", broken)
+        patch.setattr(minitron.search, "proxy_candidates", broken)  # the search stage, after importance
         with pytest.raises(RuntimeError, match="injected failure"):
             compress(config)
     assert importance_runs() == before + 1
