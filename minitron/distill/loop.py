@@ -321,7 +321,11 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
     sharded = world > 1 and cfg.parallel == "fsdp"
     student.to(dtype=torch.float32, device=None if sharded else device).train()
     if cfg.activation_checkpointing:  # keep only each layer's input; recompute the layer in backward
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers 5.23 renamed the switch
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # the name older releases (5.17, the GPU image) know
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     inter = None
     if teacher is not None:
         teacher.to(device=device, dtype=compute_dtype).eval().requires_grad_(False)
