@@ -128,7 +128,8 @@ def _write_task(folder: Path, task: str, items: list[dict]) -> None:
 def write_eval_data(cfg: EvalDataConfig, out_dir: str | Path | None = None) -> Path:
     """Write the offline tasks' data and YAML for `cfg` into `out_dir` (default: a cache folder keyed by `cfg`) and
     return the folder, to pass as lm-eval's include path. A finished folder is reused."""
-    key = hashlib.sha256(json.dumps([FORMAT, asdict(cfg), source_fingerprint(
+    # the generated YAML includes the shipped one by absolute path: another install location gets its own folder
+    key = hashlib.sha256(json.dumps([FORMAT, asdict(cfg), str(TASKS_DIR), source_fingerprint(
         cfg.data, cfg.hf_config, cfg.hf_split, cfg.text_field)]).encode()).hexdigest()[:20]
     folder = Path(out_dir) if out_dir else cache_dir() / "eval-data" / key
     done = folder / "meta.json"

@@ -188,13 +188,17 @@ def load_run_data(config: CompressConfig, tokenizer, seq_len: int | None = None)
         max_tokens=parse_count(config.max_corpus_tokens) if config.max_corpus_tokens else None)
 
 
+def model_spec(ctx: RunContext, ref: dict) -> str:
+    """A model ref as a spec `minitron` loads: the teacher spec as given, or a checkpoint URI fetched and verified."""
+    uri = ref["uri"]
+    return str(fetch(ctx, uri)) if uri.startswith(("s3://", "file://")) else uri
+
+
 def load_run_model(config: CompressConfig, ref: dict, ctx: RunContext):
-    """(model, tokenizer) for a model ref: the teacher spec as given, or a checkpoint URI fetched and verified."""
+    """(model, tokenizer) for a model ref, in the run's dtype and device."""
     from minitron.models import load_model
 
-    uri = ref["uri"]
-    spec = str(fetch(ctx, uri)) if uri.startswith(("s3://", "file://")) else uri
-    return load_model(spec, dtype=config.dtype, device=config.device, allow_pickle=config.allow_pickle,
+    return load_model(model_spec(ctx, ref), dtype=config.dtype, device=config.device, allow_pickle=config.allow_pickle,
                       trust_remote_code=config.trust_remote_code)
 
 

@@ -13,9 +13,9 @@ from minitron.config import CompressConfig
 from tasks.common import (
     RunContext,
     Stage,
-    fetch,
     load_run_data,
     load_run_model,
+    model_spec,
     stage,
     stage_params,
     stage_task,
@@ -58,9 +58,6 @@ def _distill_torchrun(config, ctx, teacher, student, s: Stage) -> dict:
     """`minitron distill --nproc N` (it re-launches itself under torchrun); metrics.jsonl is tailed into MLflow."""
     from tasks.proc import run_group
 
-    def local(ref: dict) -> str:
-        return str(fetch(ctx, ref["uri"])) if ref["uri"].startswith(("s3://", "file://")) else ref["uri"]
-
     out = s.work / "run"
     metrics = out / "metrics.jsonl"
     seen = 0
@@ -74,7 +71,7 @@ def _distill_torchrun(config, ctx, teacher, student, s: Stage) -> dict:
             seen = len(lines)
 
     log = get_run_logger()
-    code = run_group(["distill", "--teacher", local(teacher), "--student", local(student), *cli_flags(config),
+    code = run_group(["distill", "--teacher", model_spec(ctx, teacher), "--student", model_spec(ctx, student), *cli_flags(config),
                       "--out", str(out), "--resume", "--no-progress"], on_line=lambda line: log.debug(line),
                      poll=tail)
     if code != 0:

@@ -12,12 +12,8 @@ from prefect import get_run_logger
 
 from minitron.config import CompressConfig
 from tasks import tracking
-from tasks.common import RunContext, fetch, stage, stage_params, stage_task
+from tasks.common import RunContext, fetch, model_spec, stage, stage_params, stage_task
 from tasks.proc import run_group
-
-
-def _local(ctx: RunContext, ref: dict) -> str:
-    return str(fetch(ctx, ref["uri"])) if ref["uri"].startswith(("s3://", "file://")) else ref["uri"]
 
 
 def _run_cli(args: list[str], what: str) -> None:
@@ -34,7 +30,7 @@ def _pruned_folder(config: CompressConfig, ctx: RunContext, pruned: dict, out: P
     if (out / "config.json").is_file():
         return str(out)
     shape = pruned["shape"]
-    args = ["prune", _local(ctx, pruned["teacher"]), "--scores", str(fetch(ctx, pruned["scores"]["uri"]) /
+    args = ["prune", model_spec(ctx, pruned["teacher"]), "--scores", str(fetch(ctx, pruned["scores"]["uri"]) /
             pruned["scores"]["file"]), "--hidden", str(shape["hidden"]), "--ffn", str(shape["ffn"]),
             "--heads-per-group", str(shape["heads"] // shape["kv_heads"]), "--kv-groups", str(shape["kv_heads"]),
             "--layer-metric", config.layer_metric, "--out", str(out)]
@@ -56,8 +52,8 @@ def evaluate_models(config: CompressConfig, ctx: RunContext, teacher: dict, prun
     params = stage_params(config, "eval_preset", "eval_limit", "data")
     results: dict[str, dict] = {}
     with stage(ctx, "evaluate", params) as s:
-        models = {"teacher": _local(ctx, teacher), "pruned": _pruned_folder(config, ctx, pruned, s.work / "pruned"),
-                  "final": _local(ctx, student)}
+        models = {"teacher": model_spec(ctx, teacher), "pruned": _pruned_folder(config, ctx, pruned, s.work / "pruned"),
+                  "final": model_spec(ctx, student)}
         for name, path in models.items():
             out = s.work / f"{name}.json"
             if not out.is_file():  # finished evaluations survive a retry of the stage
