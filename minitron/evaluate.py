@@ -28,6 +28,7 @@ import torch
 
 from minitron.errors import UserError
 from minitron.eval_data import OFFLINE_TASKS, EvalDataConfig, write_eval_data
+from minitron.models import hub_host_reachable, hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +66,6 @@ def parse_tasks(tasks: str | list[str] | None = None, preset: str | None = None)
             raise UserError(f"bad shot count in '{name}:{shots}': use name:N, e.g. arc_challenge:25")
         out[name] = int(shots) if shots else None
     return out
-
-
-def _hub_reachable() -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
 
 
 def _go_offline() -> None:
@@ -187,7 +174,7 @@ def evaluate(model_or_path, *, tasks: str | list[str] | None = None, preset: str
     if limit is not None and limit <= 0:
         raise UserError(f"limit must be positive, got {limit}")
     data_dir = write_eval_data(data) if any(n in OFFLINE_TASKS for n in shots) else None
-    if any(n not in OFFLINE_TASKS for n in shots) and not _hub_reachable():
+    if any(n not in OFFLINE_TASKS for n in shots) and (hub_offline() or not hub_host_reachable()):
         _go_offline()
     manager = task_manager(list(shots), data_dir, include_path)
     loaded, skipped = _load_tasks(manager, shots)

@@ -132,19 +132,30 @@ def _classify(spec: str) -> tuple[str, str]:
                     "not a hub id of the form org/name")
 
 
-def require_hub(spec: str) -> None:
-    """Fail in a second, not after minutes of client retries, when the Hugging Face hub cannot be reached."""
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def hub_host_reachable() -> bool:
+    """One TCP connect to the hub (3 s): the clients' own retries take minutes to give up."""
     import socket
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise UserError(f"'{spec}' is a hub id but HF_HUB_OFFLINE is set: use a local path or alias")
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
         socket.create_connection((host, 443), timeout=3).close()
+        return True
     except OSError:
-        raise UserError(f"'{spec}' looks like a hub id but {host} is unreachable (offline?): use a local folder, "
-                        "a .gguf file or an alias") from None
+        return False
+
+
+def require_hub(spec: str) -> None:
+    """Fail in a second, not after minutes of client retries, when the Hugging Face hub cannot be reached."""
+    if hub_offline():
+        raise UserError(f"'{spec}' is a hub id but HF_HUB_OFFLINE is set: use a local path or alias")
+    if not hub_host_reachable():
+        raise UserError(f"'{spec}' looks like a hub id but the Hugging Face hub is unreachable (offline?): use a "
+                        "local folder, a .gguf file or an alias")
 
 
 def _hub_error(spec: str, err: Exception) -> UserError:
