@@ -6,6 +6,9 @@
   global concurrency limit, so two flow runs on one box queue instead of colliding), a throttled progress artifact
   and log line, and `publish` / `fetch` for checkpoints (URIs and manifests in, URIs and manifests out: weights never
   travel through Prefect).
+- `data_kwargs(config)`: the run's corpus fields as `load_token_data` keyword arguments, mapped here only.
+- Training stages (teacher correction, candidates, distillation) build one `TrainJob` (`training_job`) with the
+  parallelism the dry run prints (`training_parallelism`) and hand it to the one launch path (`run_training`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -23,17 +27,44 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.context import TaskRunContext
 
-from minitron.config import CompressConfig
+from minitron.config import CompressConfig, shared_fields
 from tasks import storage, tracking
+
+
+def data_kwargs(config: CompressConfig, seq_len: int | None = None) -> dict:
+    """The run's corpus as `load_token_data` keyword arguments (`spec`, `seq_len` and the rest): the one place the
+    config's data fields are mapped. Every stage loads through `load_run_data`, and a training stage's worker
+    receives exactly this dict."""
+    from minitron.config import parse_count
+
+    return {"spec": config.data, "seq_len": seq_len or config.seq_len, "val_fraction": config.val_fraction,
+            "seed": config.seed, "hf_config": config.data_config, "hf_split": config.data_split,
+            "text_field": config.text_field,
+            "max_tokens": parse_count(config.max_corpus_tokens) if config.max_corpus_tokens else None}
+
+
+def fields_read(build) -> tuple[str, ...]:
+    """The config fields `build(config)` reads, in order (it runs on a stand-in that records each read and answers
+    with the field's default)."""
+    names: list[str] = []
+
+    class Reads:
+        def __getattr__(self, name):
+            names.append(name)
+            return CompressConfig.model_fields[name].default
+
+    build(Reads())
+    return tuple(dict.fromkeys(names))
+
 
 # A stage's result depends on the upstream stages' outputs (URIs, shapes) and on the config fields it reads, not on
 # which flow run asks: re-running a config after a crash resumes after the last finished stage, and changing, say,
 # distill_tokens recomputes distillation onwards but not teacher correction or importance. `name` is part of every
-# key, so a new run name is a fresh start. `ctx` (this run's MLflow parent, scratch folder) never is.
-DATA = ("name", "data", "data_config", "data_split", "text_field", "val_fraction", "max_corpus_tokens", "seq_len",
-        "seed", "dtype", "trust_remote_code", "allow_pickle")
-TRAIN = ("batch_size", "grad_accum", "lr", "min_lr", "warmup_frac", "weight_decay", "grad_clip", "kd_temperature",
-         "kd_top_k", "ce_weight", "intermediate_weight", "eval_every", "val_batches")
+# key, so a new run name is a fresh start. `ctx` (this run's MLflow parent, scratch folder) never is. The corpus
+# fields are those `data_kwargs` reads, the training fields those a training stage's worker receives (DistillConfig's
+# run-config fields) plus nproc and parallel, which decide the world size and so the global batch.
+DATA = ("name", *fields_read(data_kwargs), "dtype", "trust_remote_code", "allow_pickle")
+TRAIN = (*shared_fields(), "nproc", "parallel")
 STAGE_FIELDS = {
     "correct-teacher": (*DATA, *TRAIN, "teacher", "correction_tokens"),
     "importance": (*DATA, "calib_samples", "calib_seq_len", "seq_agg", "batch_agg", "batch_size", "val_batches"),
@@ -120,8 +151,10 @@ def fetch(ctx: RunContext, uri: str) -> Path:
 class Stage:
     """Handle yielded by `stage(...)`: the MLflow child run plus progress reporting and checkpoint publishing."""
 
-    def __init__(self, ctx: RunContext, name: str, run: tracking.Run, total_tokens: int | None):
+    def __init__(self, ctx: RunContext, name: str, run: tracking.Run, total_tokens: int | None,
+                 devices: tuple[int, ...] = ()):
         self.ctx, self.name, self.run = ctx, name, run
+        self.devices = devices  # CUDA indices this stage holds (none on a machine without GPUs)
         self.work = Path(ctx.work_dir) / slug(name)
         self.work.mkdir(parents=True, exist_ok=True)
         self.total_tokens = total_tokens
@@ -156,15 +189,17 @@ class Stage:
 
 @contextmanager
 def stage(ctx: RunContext, name: str, params: dict | None = None, *, total_tokens: int | None = None,
-          compute: bool = True) -> Iterator[Stage]:
-    """Run a stage's work inside an MLflow child run, holding the machine's compute slot when `compute`."""
+          devices: int = 1, compute: bool = True) -> Iterator[Stage]:
+    """Run a stage's work inside an MLflow child run, holding `devices` of the machine's compute slots (GPUs; the
+    one CPU slot on a machine without) when `compute`."""
     from prefect.concurrency.sync import concurrency
 
     with tracking.child_run(ctx.parent_run_id, name, params, tracking_uri=ctx.tracking_uri) as run:
         if not compute:
             yield Stage(ctx, name, run, total_tokens)
             return
-        with concurrency(ctx.slot, occupy=1, timeout_seconds=ctx.slot_timeout_s, strict=True):
+        occupy = devices if ctx.slot.startswith("gpu:") else 1
+        with concurrency(ctx.slot, occupy=occupy, timeout_seconds=ctx.slot_timeout_s, strict=True):
             yield Stage(ctx, name, run, total_tokens)
 
 
@@ -179,13 +214,10 @@ def scratch_root() -> Path:
 
 def load_run_data(config: CompressConfig, tokenizer, seq_len: int | None = None):
     """The run's corpus as packed blocks (cached on disk, so every stage after the first reads it in ms)."""
-    from minitron.config import parse_count
     from minitron.data import load_token_data
 
-    return load_token_data(
-        config.data, tokenizer, seq_len or config.seq_len, val_fraction=config.val_fraction, seed=config.seed,
-        hf_config=config.data_config, hf_split=config.data_split, text_field=config.text_field,
-        max_tokens=parse_count(config.max_corpus_tokens) if config.max_corpus_tokens else None)
+    kwargs = data_kwargs(config, seq_len)
+    return load_token_data(kwargs.pop("spec"), tokenizer, kwargs.pop("seq_len"), **kwargs)
 
 
 def model_spec(ctx: RunContext, ref: dict) -> str:
@@ -207,3 +239,75 @@ def stage_task(name: str, **options):
     from prefect import task
 
     return task(name=name, cache_key_fn=stage_cache_key, persist_result=True, **options)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training stages: one launch path (minitron.distill.worker), one settings object, the dry run's parallelism
+
+
+def counted(spec: str, shape: dict | None = None):
+    """A model spec as the planner counts it (its config at its shape, or at a pruned `shape`): no weights read."""
+    from minitron.archmath import Shape, shape_of
+    from minitron.models import load_config
+    from minitron.plan import Model
+
+    config = load_config(spec)
+    return Model(config, Shape(**shape) if shape else shape_of(config))
+
+
+def training_parallelism(config: CompressConfig, name: str, trained, teacher=None):
+    """Stage `name`'s parallelism on this machine's GPU (`counted` models: the one trained, the frozen teacher),
+    decided by the function the dry run prints (`minitron.plan.train_parallelism`)."""
+    from minitron.errors import UserError
+    from minitron.plan import local_gpu, train_parallelism
+
+    chosen, _, verdict = train_parallelism(config, trained, teacher, local_gpu(config.device))
+    if chosen is None:
+        raise UserError(f"{name}: {verdict}")
+    return chosen
+
+
+def parallelism_params(chosen) -> dict:
+    """The decision as MLflow params of the stage's child run."""
+    return {"parallelism": chosen.describe(), "gpus": chosen.gpus, "parallel": chosen.parallel,
+            "activation_checkpointing": chosen.checkpointing}
+
+
+def training_job(config: CompressConfig, objective: str, tokens_field: str, chosen, out_dir: Path, *, model: str,
+                 teacher: str | None = None):
+    """The one settings object a training stage's worker runs: the run config's training fields resolved into a
+    DistillConfig, the corpus as `data_kwargs`, the model specs and the stage's parallelism."""
+    from minitron.distill import DistillConfig
+    from minitron.distill.worker import TrainJob
+
+    train = DistillConfig.from_run_config(config, tokens_field, progress=False, parallel=chosen.parallel,
+                                          activation_checkpointing=chosen.checkpointing)
+    return TrainJob(objective, model, data_kwargs(config), train, str(out_dir), teacher=teacher, nproc=chosen.gpus,
+                    resume=True, allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
+
+
+def run_training(s: Stage, job, callback=None) -> dict:
+    """`launch` the job on the stage's devices: in this process on one, under torchrun (its own process group,
+    stopped with the stage) on several. Every metric record goes to `callback`, by default the stage's MLflow run
+    and progress."""
+    from minitron.distill.worker import launch
+
+    return launch(job, devices=s.devices, callback=callback or s.on_metrics, on_line=get_run_logger().debug)
+
+
+# What a training output folder holds besides the model (the loop's and the worker's files)
+NOT_MODEL = ("metrics.jsonl", "progress.jsonl", "job.json", "result.json", "error.json", "distill_config.json")
+
+
+def model_folder(run: Path, out: Path) -> Path:
+    """The trained model of a training output folder alone (no checkpoints, metrics or job files), hard-linked
+    where the filesystem allows: what a stage publishes."""
+    out.mkdir(parents=True, exist_ok=True)
+    for file in run.iterdir():
+        if file.is_file() and file.name not in NOT_MODEL and not file.name.endswith(".tmp"):
+            (out / file.name).unlink(missing_ok=True)
+            try:
+                os.link(file, out / file.name)
+            except OSError:
+                shutil.copy2(file, out / file.name)
+    return out

@@ -10,6 +10,7 @@ An explicit shape in the config (target_* fields) skips the search: `prune_to_sh
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 from prefect import get_run_logger, unmapped
@@ -17,13 +18,20 @@ from prefect import get_run_logger, unmapped
 from minitron.config import CompressConfig, format_count
 from tasks.common import (
     RunContext,
+    counted,
     fetch,
     load_run_data,
     load_run_model,
+    model_folder,
+    model_spec,
+    parallelism_params,
     run_stage,
+    run_training,
     stage,
     stage_params,
     stage_task,
+    training_job,
+    training_parallelism,
 )
 
 
@@ -74,25 +82,35 @@ def rank_candidates(config: CompressConfig, ctx: RunContext, teacher: dict, scor
 def distill_candidate(config: CompressConfig, ctx: RunContext, teacher: dict, scores: dict, row: dict) -> dict:
     """The same short distillation for every candidate (same data order, seed and budget)."""
     from minitron import search
-    from minitron.distill import DistillConfig
-    from minitron.models import save_model
 
     candidate = search.CandidateRow.from_dict(row)
-    with stage(ctx, f"candidate {candidate.name}", {**_shape_params(row), "proxy_kl": row["proxy_kl"]},
-               total_tokens=config.tokens("search_tokens")) as s:
+    teacher_spec = model_spec(ctx, teacher)
+    chosen = training_parallelism(config, f"candidate {candidate.name}", counted(teacher_spec, row["shape"]),
+                                  counted(teacher_spec))
+    with stage(ctx, f"candidate {candidate.name}", {**_shape_params(row), "proxy_kl": row["proxy_kl"],
+                                                    **parallelism_params(chosen)},
+               total_tokens=config.tokens("search_tokens"), devices=chosen.gpus) as s:
         model, tokenizer = load_run_model(config, teacher, ctx)
-        short = search.ShortDistill(DistillConfig.from_run_config(config, "search_tokens", progress=False),
-                                    tokenizer)
-        student = search.distill_candidate(
+
+        def short_distill(teacher_model, pruned, data, *, tokens, seed, out_dir, callback):
+            """The training call of every training stage: the pruned candidate from a local folder."""
+            from minitron.models import save_model
+
+            job = training_job(config, "distill", "search_tokens", chosen, out_dir,
+                               model=str(save_model(pruned, tokenizer, s.work / "pruned")), teacher=teacher_spec)
+            job.train = replace(job.train, tokens=tokens, seed=seed)
+            result = run_training(s, job, callback)
+            return model_folder(out_dir, s.work / "model"), result
+
+        folder = search.distill_candidate(
             model, _load_scores(ctx, scores), load_run_data(config, tokenizer), candidate,
             tokens=config.tokens("search_tokens"), seed=config.seed, make_candidate=_make_candidate(config),
-            short_distill=short, out_dir=s.work / "run",
+            short_distill=short_distill, out_dir=s.work / "run",
             on_event=lambda e: s.on_metrics(e["metrics_point"]) if e["event"] == "progress" else None)
-        if student is None:  # the child run ends FAILED; the flow logs it and goes on without this candidate
+        if folder is None:  # the child run ends FAILED; the flow logs it and goes on without this candidate
             raise RuntimeError(candidate.error)
         s.run.log_metrics({"final_kl": candidate.final_kl, "proxy_kl": candidate.proxy_kl})
-        save_model(student, tokenizer, s.work / "model")
-        return {**candidate.to_dict(), "uri": s.publish(s.work / "model"), "mlflow_run_id": s.run.run_id}
+        return {**candidate.to_dict(), "uri": s.publish(folder), "mlflow_run_id": s.run.run_id}
 
 
 @stage_task("select-architecture")
