@@ -292,7 +292,9 @@ def run_training(s: Stage, job, callback=None) -> dict:
     and progress."""
     from minitron.distill.worker import launch
 
-    return launch(job, devices=s.devices, callback=callback or s.on_metrics, on_line=get_run_logger().debug)
+    result = launch(job, devices=s.devices, callback=callback or s.on_metrics, on_line=get_run_logger().debug)
+    s.run.log_metrics({"corpus_tokens": result["corpus_tokens"], "host_peak_rss_mib": max(result["peak_rss_mib"])})
+    return result
 
 
 # What a training output folder holds besides the model (the loop's and the worker's files)

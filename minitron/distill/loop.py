@@ -195,7 +195,11 @@ def _save_checkpoint(out_dir: Path, objective, optimizer, step: int, g: int, run
 def _load_checkpoint(path: Path, objective, optimizer, run_key: dict, rank: int, world: int):
     """Rank 0 reads the checkpoint (memory-mapped); under torchrun the other ranks receive their part of the model
     and optimizer state through a broadcast from rank 0, so no other rank holds the whole state on its CPU."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if rank == 0 else {}
     head = [{k: v for k, v in state.items() if k not in ("model", "optimizer")}]
@@ -206,9 +210,10 @@ def _load_checkpoint(path: Path, objective, optimizer, run_key: dict, rank: int,
         changed = sorted(k for k in run_key if head["run"].get(k) != run_key[k])
         raise UserError(f"checkpoint {path} was written by a run with different {', '.join(changed)}: resume with "
                         "the same settings or use a new --out")
-    set_state_dict(objective, optimizer, model_state_dict=state.get("model", {}),
-                   optim_state_dict=state.get("optimizer", {}),
-                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1))
+    # one call each: set_state_dict would take a rank's empty model dict for "optimizer only" and skip the broadcast
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
+    set_model_state_dict(objective, state.get("model", {}), options=options)
+    set_optimizer_state_dict(objective, optimizer, state.get("optimizer", {}), options=options)
     torch.set_rng_state(head["rng"]["cpu"])
     if "cuda" in head["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(head["rng"]["cuda"])

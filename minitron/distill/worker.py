@@ -125,8 +125,8 @@ class _Tail:
 
 def run_job(job: TrainJob, callback: Callable[[dict], None] | None = None) -> dict:
     """Run `job` on this process: all of it, or this rank's part under torchrun. Returns (and rank 0 writes to
-    result.json) the summary: steps, tokens, where a resume started, validation before and after, tokens/s and the
-    peak host RSS of every rank in MiB."""
+    result.json) the summary: the corpus tokens read, steps, tokens, where a resume started, validation before and
+    after, tokens/s, and every rank's peak host RSS in MiB once the models and data are loaded and at the end."""
     import torch.distributed as dist
 
     from minitron.data import load_token_data
@@ -144,20 +144,21 @@ def run_job(job: TrainJob, callback: Callable[[dict], None] | None = None) -> di
             check_compatible(teacher, model, teacher_tokenizer, tokenizer)
         kwargs = {k: v for k, v in job.data.items() if k not in ("spec", "seq_len")}
         data = load_token_data(job.data["spec"], tokenizer, job.data["seq_len"], **kwargs)
+        loaded = _peak_rss_mib()
         train = distill if teacher is not None else correct_teacher
         result = train(*((teacher, model) if teacher is not None else (model,)), data, job.train,
                        out_dir=job.out_dir, tokenizer=tokenizer, callback=callback, resume=job.resume,
                        init_weights=weights)
-        rss = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]  # KiB on Linux
+        peaks = [(loaded, _peak_rss_mib())]
         if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, rss[0])
-            rss = gathered
-        summary = {"objective": job.objective, "world": world, "steps": result.steps, "tokens": result.tokens,
+            peaks = [None] * world
+            dist.all_gather_object(peaks, (loaded, _peak_rss_mib()))
+        summary = {"objective": job.objective, "world": world, "corpus_tokens": data.tokens,
+                   "steps": result.steps, "tokens": result.tokens,
                    "start_step": result.start_step, "val_kl_before": result.first_val_kl,
                    "val_ce_before": result.val_loss_before, "val_kl": result.last_val_kl,
                    "val_ce": result.val_loss_after, "tokens_per_s": result.metrics.get("tokens_per_s"),
-                   "peak_rss_mib": [round(x, 1) for x in rss]}
+                   "load_peak_rss_mib": [p[0] for p in peaks], "peak_rss_mib": [p[1] for p in peaks]}
         if rank == 0:
             _write_atomic(Path(job.out_dir) / "result.json", summary)
         return summary
@@ -178,6 +179,11 @@ def _load_trained(job: TrainJob, device, rank: int, world: int):
     model = build_meta_model(load_config(job.model, trust_remote_code=job.trust_remote_code))
     tokenizer = load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
     return model, tokenizer, read_weights(job.model) if rank == 0 else {}
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory so far (the kernel's high-water mark), in MiB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def _write_atomic(path: Path, obj: dict) -> None:
