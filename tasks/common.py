@@ -7,8 +7,9 @@
   and log line, and `publish` / `fetch` for checkpoints (URIs and manifests in, URIs and manifests out: weights never
   travel through Prefect).
 - `data_kwargs(config)`: the run's corpus fields as `load_token_data` keyword arguments, mapped here only.
-- Training stages (teacher correction, candidates, distillation) build one `TrainJob` (`training_job`) with the
-  parallelism the dry run prints (`training_parallelism`) and hand it to the one launch path (`run_training`).
+- `training_stage(...)`: the block of a training stage (teacher correction, a candidate, distillation): it holds the
+  GPUs of the parallelism the dry run prints (`training_parallelism`) and hands one `TrainJob` (`training_job`) to
+  the one launch path, `minitron.distill.worker.launch`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prefect import get_run_logger
@@ -286,15 +287,33 @@ def training_job(config: CompressConfig, objective: str, tokens_field: str, chos
                     resume=True, allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
 
 
-def run_training(s: Stage, job, callback=None) -> dict:
-    """`launch` the job on the stage's devices: in this process on one, under torchrun (its own process group,
-    stopped with the stage) on several. Every metric record goes to `callback`, by default the stage's MLflow run
-    and progress."""
+@contextmanager
+def training_stage(ctx: RunContext, config: CompressConfig, name: str, params: dict, *, budget: str, trained,
+                   teacher=None) -> Iterator[tuple[Stage, Callable[..., dict]]]:
+    """`stage` for a training stage: it holds the GPUs of the stage's parallelism (the dry run's decision for the
+    `counted` model it trains, against the `counted` teacher), logged with `params` on its MLflow child run. Yields
+    the Stage and its one training call, `train(objective, model=spec, teacher=spec, out=folder, callback=...,
+    **DistillConfig overrides)`: the job goes to `launch`, in this process on one device, under torchrun (its own
+    process group, stopped with the stage) on several. It returns the worker's summary with `folder`: the trained
+    model alone, ready to publish (<stage>/model; its checkpoints stay in `out`, default <stage>/run). Every metric
+    record goes to `callback`, by default the stage's MLflow run and progress."""
     from minitron.distill.worker import launch
 
-    result = launch(job, devices=s.devices, callback=callback or s.on_metrics, on_line=get_run_logger().debug)
-    s.run.log_metrics({"corpus_tokens": result["corpus_tokens"], "host_peak_rss_mib": max(result["peak_rss_mib"])})
-    return result
+    chosen = training_parallelism(config, name, trained, teacher)
+    with stage(ctx, name, {**params, **parallelism_params(chosen)}, total_tokens=config.tokens(budget),
+               devices=chosen.gpus) as s:
+
+        def train(objective: str, *, model: str, teacher: str | None = None, out: Path | None = None,
+                  callback=None, **overrides) -> dict:
+            job = training_job(config, objective, budget, chosen, out or s.work / "run", model=model, teacher=teacher)
+            job.train = replace(job.train, **overrides)
+            result = launch(job, devices=s.devices, callback=callback or s.on_metrics,
+                            on_line=get_run_logger().debug)
+            s.run.log_metrics({"corpus_tokens": result["corpus_tokens"],
+                               "host_peak_rss_mib": max(result["peak_rss_mib"])})
+            return {**result, "folder": model_folder(Path(job.out_dir), s.work / "model")}
+
+        yield s, train
 
 
 # What a training output folder holds besides the model (the loop's and the worker's files)

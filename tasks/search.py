@@ -10,7 +10,6 @@ An explicit shape in the config (target_* fields) skips the search: `prune_to_sh
 
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import partial
 
 from prefect import get_run_logger, unmapped
@@ -22,16 +21,12 @@ from tasks.common import (
     fetch,
     load_run_data,
     load_run_model,
-    model_folder,
     model_spec,
-    parallelism_params,
     run_stage,
-    run_training,
     stage,
     stage_params,
     stage_task,
-    training_job,
-    training_parallelism,
+    training_stage,
 )
 
 
@@ -85,22 +80,18 @@ def distill_candidate(config: CompressConfig, ctx: RunContext, teacher: dict, sc
 
     candidate = search.CandidateRow.from_dict(row)
     teacher_spec = model_spec(ctx, teacher)
-    chosen = training_parallelism(config, f"candidate {candidate.name}", counted(teacher_spec, row["shape"]),
-                                  counted(teacher_spec))
-    with stage(ctx, f"candidate {candidate.name}", {**_shape_params(row), "proxy_kl": row["proxy_kl"],
-                                                    **parallelism_params(chosen)},
-               total_tokens=config.tokens("search_tokens"), devices=chosen.gpus) as s:
+    with training_stage(ctx, config, f"candidate {candidate.name}", {**_shape_params(row), "proxy_kl":
+                        row["proxy_kl"]}, budget="search_tokens", trained=counted(teacher_spec, row["shape"]),
+                        teacher=counted(teacher_spec)) as (s, train):
         model, tokenizer = load_run_model(config, teacher, ctx)
 
         def short_distill(teacher_model, pruned, data, *, tokens, seed, out_dir, callback):
-            """The training call of every training stage: the pruned candidate from a local folder."""
+            """The training call of every training stage, on the pruned candidate saved to a local folder."""
             from minitron.models import save_model
 
-            job = training_job(config, "distill", "search_tokens", chosen, out_dir,
-                               model=str(save_model(pruned, tokenizer, s.work / "pruned")), teacher=teacher_spec)
-            job.train = replace(job.train, tokens=tokens, seed=seed)
-            result = run_training(s, job, callback)
-            return model_folder(out_dir, s.work / "model"), result
+            result = train("distill", model=str(save_model(pruned, tokenizer, s.work / "pruned")),
+                           teacher=teacher_spec, out=out_dir, callback=callback, tokens=tokens, seed=seed)
+            return result.pop("folder"), result
 
         folder = search.distill_candidate(
             model, _load_scores(ctx, scores), load_run_data(config, tokenizer), candidate,
