@@ -63,9 +63,9 @@ def fields_read(build) -> tuple[str, ...]:
 # distill_tokens recomputes distillation onwards but not teacher correction or importance. `name` is part of every
 # key, so a new run name is a fresh start. `ctx` (this run's MLflow parent, scratch folder) never is. The corpus
 # fields are those `data_kwargs` reads, the training fields those a training stage's worker receives (DistillConfig's
-# run-config fields) plus nproc and parallel, which decide the world size and so the global batch.
+# run-config fields, `parallel` among them) plus nproc: both decide the world size and so the global batch.
 DATA = ("name", *fields_read(data_kwargs), "dtype", "trust_remote_code", "allow_pickle")
-TRAIN = (*shared_fields(), "nproc", "parallel")
+TRAIN = (*shared_fields(), "nproc")
 STAGE_FIELDS = {
     "correct-teacher": (*DATA, *TRAIN, "teacher", "correction_tokens"),
     "importance": (*DATA, "calib_samples", "calib_seq_len", "seq_agg", "batch_agg", "batch_size", "val_batches"),

@@ -159,3 +159,13 @@ def test_killed_two_process_distillation_resumes_from_its_last_checkpoint(tmp_pa
     one, two = (AutoModelForCausalLM.from_pretrained(tmp_path / d) for d in ("one", "two"))
     for (name, p1), p2 in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
         torch.testing.assert_close(p2, p1, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_user_error_on_the_ranks_is_one_line(tmp_path, folders, corpus, tiny_tokenizer):
+    """Found by the ranks (the vocabularies are compared once the models are loaded): exit 2 and one line, not
+    torchrun's failure report."""
+    other_vocab = save_model(build_tiny_model("llama", vocab_size=300), tiny_tokenizer, tmp_path / "v300")
+    res = cli(*distill_args(folders[0], other_vocab, corpus, tmp_path / "o", 640, 2, 2, "fsdp"))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: teacher and student vocabularies differ")
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr
