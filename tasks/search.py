@@ -89,8 +89,11 @@ def distill_candidate(config: CompressConfig, ctx: RunContext, teacher: dict, sc
             """The training call of every training stage, on the pruned candidate saved to a local folder."""
             from minitron.models import save_model
 
-            result = train("distill", model=str(save_model(pruned, tokenizer, s.work / "pruned")),
-                           teacher=teacher_spec, out=out_dir, callback=callback, tokens=tokens, seed=seed)
+            folder = save_model(pruned, tokenizer, s.work / "pruned")
+            for saved in (teacher_model, pruned):  # the worker loads its own copies: free these before it does
+                saved.to("meta")
+            result = train("distill", model=str(folder), teacher=teacher_spec, out=out_dir, callback=callback,
+                           tokens=tokens, seed=seed)
             return result.pop("folder"), result
 
         folder = search.distill_candidate(
