@@ -472,7 +472,7 @@ def _build_locked(units, tokenizer, out, staging, identity, workers, chunk_token
     splits = {s: w.finish() for s, w in writers.items()}
     meta = {"format": STORE_FORMAT, **identity, "chunk_tokens": chunk_tokens, "dtype": dtype,
             "documents": c["documents"], "val_documents": c["val_documents"], **splits}
-    state_path.unlink()
+    state_path.unlink(missing_ok=True)  # (no state when no chunk filled before the end)
     _write_json(staging / META, meta)
     if is_remote(out):
         _upload(staging, out)
