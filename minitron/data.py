@@ -213,6 +213,16 @@ def source_fingerprint(spec: str, hf_config: str | None, hf_split: str, text_fie
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def load_tokenizer(model: str):
+    """Only the tokenizer of a model spec: resolve the spec to a folder and skip the weights."""
+    from transformers import AutoTokenizer
+
+    from minitron.models import _materialise
+
+    _, where = _materialise(model)
+    return AutoTokenizer.from_pretrained(where)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))

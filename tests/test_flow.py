@@ -64,9 +64,10 @@ def test_tiny_flow_end_to_end(services):
     assert tags["final_checkpoint_uri"].startswith(f"s3://{BUCKET}/runs/e2e/")
     assert parent.data.params["distill_tokens"] == "16K"
     children = children_of(parent.info.run_id)
-    for name in ("correct-teacher", "importance", "distill", "evaluate", "evaluate teacher", "evaluate pruned",
+    for name in ("tokenize", "correct-teacher", "importance", "distill", "evaluate", "evaluate teacher", "evaluate pruned",
                  "evaluate final"):
         assert name in children, sorted(children)
+    assert children["tokenize"].data.tags["token_store"]  # the store every stage read
     candidates = [r for n, r in children.items() if n.startswith("candidate ")]
     assert len(candidates) == 2
     for run in candidates:

@@ -51,7 +51,7 @@ def blocks_of(stream: np.ndarray, seq_len: int) -> torch.Tensor:
 
 
 def test_store_blocks_are_todays_packing_on_shakespeare(tmp_path):
-    from minitron.commands.tokenize import load_tokenizer
+    from minitron.data import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
     ref = todays_packing("shakespeare", tokenizer, 0.05, 0)

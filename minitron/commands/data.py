@@ -21,8 +21,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from minitron.commands.tokenize import load_tokenizer, progress_bar
-    from minitron.data import load_token_data
+    from minitron.commands.tokenize import progress_bar
+    from minitron.data import load_token_data, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     with progress_bar() as bar:

@@ -28,16 +28,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def load_tokenizer(model: str):
-    """Only the tokenizer of a model spec: resolve it to a folder, skip the weights."""
-    from transformers import AutoTokenizer
-
-    from minitron.models import _materialise
-
-    _, where = _materialise(model)
-    return AutoTokenizer.from_pretrained(where)
-
-
 @contextlib.contextmanager
 def progress_bar():
     """A tqdm bar for a store build (percent of the source read; tokens and tokens/s beside it)."""
@@ -64,7 +54,7 @@ def progress_bar():
 
 
 def run(args) -> int:
-    from minitron.data import open_or_build_store
+    from minitron.data import load_tokenizer, open_or_build_store
     from minitron.token_store import CHUNK_TOKENS
 
     tokenizer = load_tokenizer(args.model)
