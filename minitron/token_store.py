@@ -10,10 +10,12 @@ One store per (corpus, tokenizer, split parameters), in a folder or under an s3:
 
 The chunks of a split, in order, are its token stream (its documents in corpus order, each followed by EOS). Block i
 of seq_len L is tokens [i*L, (i+1)*L) of that stream: the blocks of packing the whole stream at once, for any L.
-litdata's TokensLoader cuts blocks inside one chunk, so we read sub-blocks of g = gcd(L, chunk_tokens) tokens, which
-never straddle a chunk (g = L for power-of-two L: one read per block). `litdata.StreamingDataset(split_dir,
-item_loader=TokensLoader(block_size=L))` reads the same store directly; for S3 it downloads chunks on demand into a
-local cache, so a rank reads only the chunks its blocks live in.
+Readers `pread` exactly the tokens of the blocks they are asked for (across a shard border when a block straddles
+one), so each rank reads only its share and no process maps or holds the corpus; an S3 store's shards are fetched
+into a local cache when first read (one download per machine). litdata's own loader reads the store too:
+`StreamingDataset(split_dir, item_loader=TokensLoader(block_size=L))`, with blocks inside each shard (the same blocks
+when L divides chunk_tokens). We do not read through it: its random access remaps a shard at every shard switch
+(~60-115 us a block here, against ~9 us for a pread), and its blocks never straddle shards.
 
 Build: `build()` takes units of documents (the caller streams them and assigns the split) and hands them to worker
 processes that tokenise with the tokenizer's batch API, one core each; results come back in order and are cut into
@@ -27,14 +29,13 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # litdata asks PyPI
 STORE_FORMAT = 1  # bump when the layout or the tokenisation changes: older stores are then rebuilt
 CHUNK_TOKENS = 1 << 22  # tokens per shard (8 MB of uint16): a power of two, so power-of-two blocks never straddle
 UNIT_CHARS = 1 << 20  # characters of text per work unit handed to a tokeniser process (and per resume step)
+MAX_OPEN = 64  # shard files a reader keeps open (least recently used closed first)
 META = "store.json"
 SPLITS = ("train", "val")
 
@@ -76,6 +78,18 @@ def _fs(uri: str):
     from litdata.streaming.fs_provider import _get_fs_provider
 
     return _get_fs_provider(uri, storage_options())
+
+
+def _download(uri: str, path: Path) -> None:
+    """An S3 object to a local file, atomically (a killed download leaves no half file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        _fs(uri).download_file(uri, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def remote_exists(uri: str) -> bool:
@@ -122,23 +136,9 @@ class Blocks:
 
     def __init__(self, store: TokenStore, split: str, seq_len: int):
         self.store, self.split, self.seq_len = store, split, seq_len
-        self.sub = math.gcd(seq_len, store.meta["chunk_tokens"])  # sub-block: never straddles a chunk
-        self.per_block = seq_len // self.sub
-        self._dataset = None
 
     def __len__(self) -> int:
         return self.store.meta[self.split]["tokens"] // self.seq_len
-
-    def __getstate__(self):  # a dataset holds threads and open files: each process opens its own
-        return {**self.__dict__, "_dataset": None}
-
-    def _read(self, i: int) -> np.ndarray:
-        if self._dataset is None:
-            self._dataset = self.store.dataset(self.split, self.sub)
-        first = i * self.per_block
-        if self.per_block == 1:
-            return self._dataset[first]
-        return np.concatenate([self._dataset[first + j] for j in range(self.per_block)])
 
     def __getitem__(self, index):
         import torch
@@ -150,12 +150,12 @@ class Blocks:
             i = int(index)
             if not -n <= i < n:
                 raise IndexError(f"block {i} out of range ({n} blocks)")
-            return torch.from_numpy(self._read(i % n).astype(np.int64))
+            return torch.from_numpy(self.store.read(self.split, (i % n) * self.seq_len, self.seq_len))
         else:
             rows = [int(i) for i in index]
         out = np.empty((len(rows), self.seq_len), dtype=np.int64)
         for r, i in enumerate(rows):
-            out[r] = self._read(i)
+            out[r] = self.store.read(self.split, i * self.seq_len, self.seq_len)
         return torch.from_numpy(out)
 
 
@@ -163,6 +163,10 @@ class Blocks:
 class TokenStore:
     uri: str  # the folder or s3:// prefix
     meta: dict  # store.json
+    _files: OrderedDict = field(default_factory=OrderedDict, repr=False)  # (split, chunk) → (fd, data offset)
+
+    def __getstate__(self):  # open files stay in their process
+        return {**self.__dict__, "_files": OrderedDict()}
 
     @classmethod
     def open(cls, uri: str, tokenizer_fp: str | None = None) -> TokenStore:
@@ -171,11 +175,10 @@ class TokenStore:
         local = local_cache(uri)
         meta_path = local / META
         if is_remote(uri) and not meta_path.is_file() and remote_exists(uri):
-            fs = _fs(uri)
             local.mkdir(parents=True, exist_ok=True)
             for name in (*(f"{s}/index.json" for s in SPLITS), META):  # store.json last, as it was written
                 (local / name).parent.mkdir(parents=True, exist_ok=True)
-                fs.download_file(f"{uri}/{name}", str(local / name))
+                _download(f"{uri}/{name}", local / name)
         if not meta_path.is_file():
             raise UserError(f"no complete token store at {uri} ({META} missing): build it with "
                             "`minitron tokenize DATA --model M --out URI`")
@@ -193,29 +196,56 @@ class TokenStore:
 
     def check_shards(self) -> None:
         """Every shard present here has its indexed size (a local store must have all of them)."""
-        local = local_cache(self.uri)
         for split in SPLITS:
             for chunk in self.meta[split]["chunks"]:
-                path = local / split / chunk["filename"]
-                if not path.is_file():
-                    if is_remote(self.uri):
-                        continue  # fetched when a block in it is first read
+                path = local_cache(self.uri) / split / chunk["filename"]
+                if path.is_file():
+                    self._check_size(path, chunk)
+                elif not is_remote(self.uri):  # an S3 store's shards are fetched when first read
                     raise UserError(f"token store shard {path} is missing: delete {self.uri} and build it again "
                                     "with `minitron tokenize`")
-                size = path.stat().st_size
-                if size != chunk["chunk_bytes"]:
-                    raise UserError(f"token store shard {path} is truncated ({size:,} of {chunk['chunk_bytes']:,} "
-                                    f"bytes): delete {path if is_remote(self.uri) else self.uri} and run "
-                                    "`minitron tokenize` again")
 
-    def dataset(self, split: str, block: int):
-        """litdata's reader of `split` in blocks of `block` tokens (random access by index)."""
-        from litdata import StreamingDataset, TokensLoader
-        from litdata.streaming.resolver import Dir
+    def _check_size(self, path: Path, chunk: dict) -> None:
+        size = path.stat().st_size
+        if size != chunk["chunk_bytes"]:
+            raise UserError(f"token store shard {path} is truncated ({size:,} of {chunk['chunk_bytes']:,} bytes): "
+                            f"delete {path if is_remote(self.uri) else self.uri} and run `minitron tokenize` again")
 
-        local = local_cache(self.uri) / split
-        where = Dir(path=str(local), url=f"{self.uri}/{split}") if is_remote(self.uri) else str(local)
-        return StreamingDataset(where, item_loader=TokensLoader(block_size=block), storage_options=storage_options())
+    def _file(self, split: str, k: int) -> tuple[int, int]:
+        """(fd, byte offset of the tokens) of chunk k; an S3 store's chunk is downloaded on first use."""
+        if (split, k) in self._files:
+            self._files.move_to_end((split, k))
+        else:
+            chunk = self.meta[split]["chunks"][k]
+            path = local_cache(self.uri) / split / chunk["filename"]
+            if not path.is_file():
+                with build_lock(path.with_name(f".{path.name}.lock")):  # one download per machine
+                    if not path.is_file():
+                        _download(f"{self.uri}/{split}/{chunk['filename']}", path)
+            self._check_size(path, chunk)
+            fd = os.open(path, os.O_RDONLY)
+            # litdata's chunk header: uint32 item count, then uint32 item offsets (the first: where data begins)
+            _, data_start = np.frombuffer(os.pread(fd, 8, 0), dtype=np.uint32)
+            self._files[split, k] = (fd, int(data_start))
+            if len(self._files) > MAX_OPEN:  # a store has thousands of shards; a process, ~1024 descriptors
+                os.close(self._files.popitem(last=False)[1][0])
+        return self._files[split, k]
+
+    def read(self, split: str, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start + n) of a split's stream as int64, across shard borders: a read per shard, no
+        mapping, so a reader's memory stays flat however much of the store it reads."""
+        size, per_chunk = np.dtype(self.meta["dtype"]).itemsize, self.meta["chunk_tokens"]
+        out, done = np.empty(n, dtype=np.int64), 0
+        while done < n:
+            k, offset = divmod(start + done, per_chunk)
+            take = min(n - done, per_chunk - offset)
+            fd, data_start = self._file(split, k)
+            raw = os.pread(fd, take * size, data_start + offset * size)
+            if len(raw) != take * size:
+                raise UserError(f"token store {self.uri} shard {split}/{k} ended early: run `minitron tokenize` again")
+            out[done:done + take] = np.frombuffer(raw, dtype=self.meta["dtype"])
+            done += take
+        return out
 
     def blocks(self, split: str, seq_len: int) -> Blocks:
         return Blocks(self, split, seq_len)
@@ -452,7 +482,7 @@ def _build_locked(units, tokenizer, out, staging, identity, workers, chunk_token
         if wrote:
             _write_json(state_path, {"identity": identity, "chunk_tokens": chunk_tokens, "seq": seq, "counts": c,
                                      **{s: w.state(seq) for s, w in writers.items()}})
-            for s, w in writers.items():  # the previous partial chunks are superseded now
+            for w in writers.values():  # the previous partial chunks are superseded now
                 for stale in w.folder.glob("pending-*.npy"):
                     if stale.name != f"pending-{seq}.npy":
                         stale.unlink()

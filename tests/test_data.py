@@ -4,18 +4,7 @@ import torch
 from minitron.data import is_validation, iter_documents, load_token_data
 from minitron.errors import UserError
 
-
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Token stores of these tests in their own cache (the models cache is shared)."""
-    from minitron.models import cache_dir
-
-    shared = cache_dir()
-    monkeypatch.setenv("MINITRON_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "cache").mkdir()
-    for name in ("models", "data"):
-        if (shared / name).exists():
-            (tmp_path / "cache" / name).symlink_to(shared / name)
+pytestmark = pytest.mark.usefixtures("own_token_cache")
 
 
 def test_eos_at_every_document_border_and_tail_dropped(tmp_path, tiny_tokenizer):

@@ -20,20 +20,11 @@ import torch
 from minitron import token_store
 from minitron.cli import main
 from minitron.data import is_validation, iter_documents, load_token_data, open_or_build_store
-from minitron.models import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Token stores of these tests in their own cache (converted models and the Shakespeare texts are shared)."""
-    shared = cache_dir()
-    monkeypatch.setenv("MINITRON_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "cache").mkdir()
-    for name in ("models", "data"):
-        if (shared / name).exists():
-            (tmp_path / "cache" / name).symlink_to(shared / name)
+pytestmark = pytest.mark.usefixtures("own_token_cache")
 
 
 def todays_packing(spec: str, tokenizer, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
