@@ -35,8 +35,38 @@ MODEL = "smollm2-135m"
 LOADER_TARGET = 100 * 250_000  # tokens/s
 
 
-def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class WorkerPeak:
+    """Largest VmHWM (peak RSS) of this process's children while it runs, sampled from /proc. (ru_maxrss of
+    children is useless here: a spawned child's high-water mark starts at the parent's size when it forks.)"""
+
+    def __init__(self):
+        import threading
+
+        self.peak_kb, self.stop = 0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.1):
+            for children in Path("/proc/self/task").glob("*/children"):
+                for pid in children.read_text().split():
+                    try:
+                        status = Path(f"/proc/{pid}/status").read_text()
+                    except OSError:
+                        continue
+                    hwm = re.search(r"VmHWM:\s+(\d+)", status)
+                    self.peak_kb = max(self.peak_kb, int(hwm.group(1)) if hwm else 0)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
 
 
 def train_folder(corpus: Path, tmp: Path) -> Path:
@@ -53,14 +83,16 @@ def phase_tokenize(spec: str, out: str, tokens: int, workers: int | None) -> dic
 
     tokenizer = load_tokenizer(MODEL)
     records = []
-    t0 = time.perf_counter()
-    store = open_or_build_store(spec, tokenizer, out=out, max_tokens=tokens, workers=workers, progress=records.append)
-    seconds = time.perf_counter() - t0
+    with WorkerPeak() as workers_peak:
+        t0 = time.perf_counter()
+        store = open_or_build_store(spec, tokenizer, out=out, max_tokens=tokens, workers=workers,
+                                    progress=records.append)
+        seconds = time.perf_counter() - t0
     total = store.meta["train"]["tokens"] + store.meta["val"]["tokens"]
     return {"tokens": total, "documents": store.meta["documents"], "tokenize_s": round(seconds, 2),
             "workers": records[-1]["workers"], "shards": store.summary()["shards"], "bytes": store.summary()["bytes"],
             "main_peak_rss_mb": round(peak_rss_mb(), 1),
-            "worker_peak_rss_mb": round(peak_rss_mb(resource.RUSAGE_CHILDREN), 1)}
+            "worker_peak_rss_mb": round(workers_peak.peak_kb / 1024, 1)}
 
 
 def phase_read(out: str, seq_len: int, batch: int) -> dict:
