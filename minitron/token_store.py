@@ -93,8 +93,15 @@ def _download(uri: str, path: Path) -> None:
 
 
 def remote_exists(uri: str) -> bool:
-    """A complete store (its store.json) at an s3:// prefix."""
-    return _fs(uri).exists(f"{uri.rstrip('/')}/{META}")
+    """A complete store (its store.json) at an s3:// prefix; one line for an unreachable endpoint or bucket."""
+    try:
+        return _fs(uri).exists(f"{uri.rstrip('/')}/{META}")
+    except Exception as e:
+        if not type(e).__module__.startswith(("botocore", "boto3")):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot reach the token store {uri}: {first} (check AWS_ENDPOINT_URL_S3, the bucket and "
+                        "the credentials)") from None
 
 
 def local_cache(uri: str) -> Path:
@@ -435,6 +442,8 @@ def build(units: Iterator[Unit], tokenizer, out: str, identity: dict, *, workers
         raise UserError("the tokenizer has no EOS token, which packing needs between documents")
     out = str(out).rstrip("/")
     final = local_cache(out)
+    if not is_remote(out) and final.is_dir() and any(final.iterdir()) and not (final / META).is_file():
+        raise UserError(f"{out} exists and is not a token store: choose a new or empty folder for --out")
     staging = final.with_name(f".{final.name}.partial")
     with build_lock(final.with_name(f".{final.name}.lock")):
         if (final / META).is_file() or (is_remote(out) and remote_exists(out)):

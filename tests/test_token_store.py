@@ -151,6 +151,8 @@ def test_bad_inputs_get_one_line(tmp_path, tiny_model_dir, text_corpus, capsys):
                                                       "--out", store)
     assert "holds another corpus or split" in error_of("tokenize", text_corpus, "--model", tiny_model_dir,
                                                        "--out", store, "--val-fraction", "0.2")
+    assert "is not a token store" in error_of("tokenize", text_corpus, "--model", tiny_model_dir, "--out",
+                                              text_corpus)  # never written into (or over) a folder of other files
     shard = store / "train" / "chunk-000001.bin"
     shard.write_bytes(shard.read_bytes()[:-100])
     assert "chunk-000001.bin is truncated" in error_of("data", store, "--model", tiny_model_dir)
