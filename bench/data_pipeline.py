@@ -54,6 +54,8 @@ class WorkerPeak:
             for children in Path("/proc/self/task").glob("*/children"):
                 for pid in children.read_text().split():
                     try:
+                        if b"spawn_main" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                            continue  # not (yet) a worker: between fork and exec a child still is our copy
                         status = Path(f"/proc/{pid}/status").read_text()
                     except OSError:
                         continue
