@@ -142,8 +142,8 @@ class Proc:
     health: str  # URL that answers 200 when the service is ready
     start: str | None = None
     log: str = ""
-    address: str = ""  # a non-HTTP endpoint clients join (the Ray head's GCS host:port)
     popen: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+    address: str = ""  # a non-HTTP endpoint clients join (the Ray head's GCS host:port)
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -410,7 +410,7 @@ def _load_procs(state: Path) -> dict[str, Proc]:
         if path.is_file():
             rec = json.loads(path.read_text())
             procs[name] = Proc(rec["name"], rec["pid"], rec["url"], rec["health"], rec.get("start"), rec.get("log", ""),
-                               rec.get("address", ""))
+                               address=rec.get("address", ""))
     return procs
 
 
