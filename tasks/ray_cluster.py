@@ -52,9 +52,10 @@ def connect(configured: str | None) -> dict[str, float]:
     if mode != AUTH_MODE:
         raise UserError(f"RAY_AUTH_MODE is '{mode}': backend ray runs only with Ray's token authentication; unset "
                         "it or set RAY_AUTH_MODE=token")
-    os.environ["RAY_AUTH_MODE"] = AUTH_MODE  # before Ray is imported (it reads the mode once): us and our children
+    os.environ["RAY_AUTH_MODE"] = AUTH_MODE  # for us and our children
     address = resolve_address(configured)
     import ray
+    from ray._raylet import AuthenticationTokenLoader, Config
 
     if not ray.is_initialized():
         if address is None:
@@ -65,6 +66,10 @@ def connect(configured: str | None) -> dict[str, float]:
         elif not _answers(address):
             raise UserError(f"nothing answers at {address}: check ray_address / RAY_ADDRESS and that the Ray head "
                             "is up (`minitron stack status`)")
+        # Ray reads the mode and the token once per process: re-read them (as Ray's own token set-up does) in case
+        # Ray was imported before they were set
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
         local = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1"}  # for the state API
         try:
             ray.init(address=address or "local", log_to_driver=False, **local)

@@ -210,9 +210,9 @@ def ray_driver(ray_cluster):
     environment); disconnected and the environment restored at the end of the module."""
     saved = {k: os.environ.get(k) for k in ray_cluster.env}
     os.environ.update(ray_cluster.env)  # before ray is imported: it reads RAY_AUTH_MODE once
-    from tasks.ray_cluster import connect
-
     import ray
+
+    from tasks.ray_cluster import connect
 
     try:
         connect(ray_cluster.address)

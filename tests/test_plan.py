@@ -17,8 +17,16 @@ from minitron.archmath import Shape, shape_of
 from minitron.cli import main
 from minitron.config import load_config_file, make_config
 from minitron.errors import UserError
-from minitron.plan import (Model, format_plan, layer_activation_bytes, make_plan, measured_mfu, on_nodes, train_flops,
-                           training_memory)
+from minitron.plan import (
+    Model,
+    format_plan,
+    layer_activation_bytes,
+    make_plan,
+    measured_mfu,
+    on_nodes,
+    train_flops,
+    training_memory,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
