@@ -4,6 +4,7 @@ and before any model work, a cluster that is too small, a wrong token and an add
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -119,3 +120,28 @@ def test_run_refuses_in_one_line(case, ray_cluster, tmp_path):
     assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith(expected), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not [p for p in (tmp_path / "home").rglob("*") if p.is_file() and "checkpoints" in p.parts]  # nothing ran
+
+
+def test_empty_address_starts_a_local_cluster_with_token_auth(tmp_path):
+    """ray_address empty and no RAY_ADDRESS: a local cluster for the process, with a fresh token that lives only in
+    its environment (nothing written to ~/.ray); its dashboard refuses requests without the token."""
+    script = """
+import json, os
+from infra.stack import bearer_header, http_status
+from tasks.ray_cluster import connect
+resources = connect(None)
+import ray._private.worker
+url = "http://" + ray._private.worker.get_dashboard_url().removeprefix("http://")
+token = os.environ["RAY_AUTH_TOKEN"]
+print(json.dumps({"cpu": resources["CPU"], "mode": os.environ["RAY_AUTH_MODE"], "token": len(token), "url": url,
+                  "without": http_status(url + "/api/jobs/"), "with": http_status(url + "/api/jobs/", bearer_header(token))}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["cpu"] >= 1 and out["mode"] == "token" and out["token"] == 64
+    assert out["url"].startswith("http://127.0.0.1:") and (out["without"], out["with"]) == (401, 200)
+    assert not (tmp_path / ".ray").exists()
