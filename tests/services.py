@@ -1,4 +1,5 @@
-"""Session fixtures that start REAL local services on free ports: a moto S3 server and an `mlflow server`.
+"""Fixtures that start REAL local services on free ports: a moto S3 server and an `mlflow server` (per session), a
+Ray head with token auth (per module: `ray_cluster`, `ray_driver`).
 
 Plugged in from tests/conftest.py with `pytest_plugins = ["tests.services"]`. They reuse the start-up code of the
 local stack (infra/stack.py), so the tests exercise the same commands users run.
