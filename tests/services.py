@@ -7,6 +7,7 @@ local stack (infra/stack.py), so the tests exercise the same commands users run.
 
 import os
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -203,6 +204,7 @@ def ray_cluster(tmp_path_factory):
         yield RayCluster(proc.address, proc.url, RAY_TOKEN, proc)
     finally:
         stack.stop(proc)
+        shutil.rmtree(stack.ray_temp_dir(state), ignore_errors=True)  # Ray's session logs, outside pytest's tmp
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ Ray head too)."""
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -27,6 +28,7 @@ def up(tmp_path_factory):
         yield running, lines
     finally:
         stack.stack_down(state, out=lambda _: None)
+        shutil.rmtree(stack.ray_temp_dir(state), ignore_errors=True)  # Ray's session logs, outside pytest's tmp
 
 
 def test_up_prints_urls_env_and_credentials_once(up):
