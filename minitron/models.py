@@ -280,17 +280,6 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | 
     return model, tokenizer
 
 
-def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
-    """The tokenizer of a model spec, without its weights (an FSDP rank builds the model on the meta device)."""
-    from transformers import AutoTokenizer
-
-    kind, where = _materialise(spec)
-    try:
-        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the tokenizer of '{spec}': {str(err).splitlines()[0][:200]}") from None
-
-
 def read_weights(spec: str) -> dict[str, torch.Tensor]:
     """A model's safetensors as one state dict on the CPU, in the dtype they are stored in (a bf16 checkpoint stays
     bf16: half the host memory of an fp32 copy). Keys as in the checkpoint, which our folders and the hub's checkpoints

@@ -40,7 +40,7 @@ def data_kwargs(config: CompressConfig, seq_len: int | None = None) -> dict:
 
     return {"spec": config.data, "seq_len": seq_len or config.seq_len, "val_fraction": config.val_fraction,
             "seed": config.seed, "hf_config": config.data_config, "hf_split": config.data_split,
-            "text_field": config.text_field,
+            "text_field": config.text_field, "store": config.token_store,
             "max_tokens": parse_count(config.max_corpus_tokens) if config.max_corpus_tokens else None}
 
 
@@ -64,7 +64,10 @@ def fields_read(build) -> tuple[str, ...]:
 # key, so a new run name is a fresh start. `ctx` (this run's MLflow parent, scratch folder) never is. The corpus
 # fields are those `data_kwargs` reads, the training fields those a training stage's worker receives (DistillConfig's
 # run-config fields, `parallel` among them) plus nproc: both decide the world size and so the global batch.
-DATA = ("name", *fields_read(data_kwargs), "dtype", "trust_remote_code", "allow_pickle")
+# Where the token store lives changes no result (a store is found by what it holds), so it is no part of a key.
+LOCATION_ONLY = ("token_store",)
+DATA = ("name", *(f for f in fields_read(data_kwargs) if f not in LOCATION_ONLY), "dtype", "trust_remote_code",
+        "allow_pickle")
 TRAIN = (*shared_fields(), "nproc")
 STAGE_FIELDS = {
     "correct-teacher": (*DATA, *TRAIN, "teacher", "correction_tokens"),
@@ -213,12 +216,13 @@ def scratch_root() -> Path:
     return Path(os.environ.get("MINITRON_WORK", Path(".minitron") / "work")).resolve()
 
 
-def load_run_data(config: CompressConfig, tokenizer, seq_len: int | None = None):
-    """The run's corpus as packed blocks (cached on disk, so every stage after the first reads it in ms)."""
+def load_run_data(config: CompressConfig, tokenizer, seq_len: int | None = None, progress=None):
+    """The run's corpus as blocks read from its token store (built once by the tokenize stage, or here on first
+    use; `progress` receives the build's records)."""
     from minitron.data import load_token_data
 
     kwargs = data_kwargs(config, seq_len)
-    return load_token_data(kwargs.pop("spec"), tokenizer, kwargs.pop("seq_len"), **kwargs)
+    return load_token_data(kwargs.pop("spec"), tokenizer, kwargs.pop("seq_len"), progress=progress, **kwargs)
 
 
 def model_spec(ctx: RunContext, ref: dict) -> str:

@@ -13,7 +13,15 @@ import pytest
 from minitron.config import CompressConfig, DistillConfig, load_config_file, shared_fields
 from minitron.distill.worker import TrainJob
 from minitron.errors import UserError
-from tasks.common import STAGE_FIELDS, counted, data_kwargs, fields_read, training_job, training_parallelism
+from tasks.common import (
+    LOCATION_ONLY,
+    STAGE_FIELDS,
+    counted,
+    data_kwargs,
+    fields_read,
+    training_job,
+    training_parallelism,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PAPER_PRESETS = ("llama-3.1-8b-minitron-4b-width.yaml", "llama-3.1-8b-minitron-4b-depth.yaml",
@@ -21,7 +29,8 @@ PAPER_PRESETS = ("llama-3.1-8b-minitron-4b-width.yaml", "llama-3.1-8b-minitron-4
 # training stage → (objective, budget field): as tasks/correct.py, tasks/search.py and tasks/distill.py build them
 STAGES = {"correct-teacher": ("correct", "correction_tokens"), "distill-candidate": ("distill", "search_tokens"),
           "distill": ("distill", "distill_tokens")}
-SPECIAL = {"target_params": "50%", "target_shapes": "L2-H32", "drop_layers": "2-3", "tracking_uri": "sqlite:////x"}
+SPECIAL = {"target_params": "50%", "target_shapes": "L2-H32", "drop_layers": "2-3", "tracking_uri": "sqlite:////x",
+           "ray_address": "127.0.0.1:6379"}
 
 
 def worker_job(stage: str, config: CompressConfig, tmp_path: Path) -> TrainJob:
@@ -70,7 +79,8 @@ def test_every_field_a_training_stage_reads_reaches_its_worker(stage, tmp_path):
         new = CompressConfig(**{**base.model_dump(), name: changed(name, getattr(base, name))})
         if worker_job(stage, new, tmp_path) != reference:
             seen.add(name)
-            assert name in STAGE_FIELDS[stage], f"{name} changes the {stage} worker but not its cache key"
+            assert name in STAGE_FIELDS[stage] or name in LOCATION_ONLY, f"{name} changes the {stage} worker but not " \
+                                                                         "its cache key"
     assert seen == inputs_of(stage)
     # and the values are the config's, where the worker reads them
     new = CompressConfig(**{**base.model_dump(), **{f: changed(f, getattr(base, f)) for f in inputs_of(stage)}})

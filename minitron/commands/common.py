@@ -31,7 +31,7 @@ def add_config_args(p: argparse.ArgumentParser, *names: str, aliases: dict[str, 
 
 
 MODEL_ARGS = ("device", "dtype", "allow_pickle", "trust_remote_code")
-DATA_ARGS = ("data_config", "data_split", "text_field", "val_fraction", "seed")  # --data is each command's own
+DATA_ARGS = ("data_config", "data_split", "text_field", "val_fraction", "seed", "token_store")  # --data: each own
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -53,20 +53,24 @@ def load_model_from_args(spec: str, args):
 
 
 def data_spec_from_args(args, seq_len: int) -> dict:
-    """The corpus arguments as `load_token_data` keyword arguments (`spec`, `seq_len` and the rest)."""
+    """The corpus arguments as the `load_token_data` keyword arguments a TrainJob carries (`spec`, `seq_len`, the
+    corpus cap of the training commands and the rest)."""
     from minitron.config import parse_count
 
-    cap = getattr(args, "max_corpus_tokens", None)  # the training commands have it
-    return {"spec": args.data, "seq_len": seq_len, "val_fraction": args.val_fraction, "seed": args.seed,
-            "hf_config": args.data_config, "hf_split": args.data_split, "text_field": args.text_field,
-            "max_tokens": parse_count(cap) if cap else None}
+    cap = getattr(args, "max_corpus_tokens", None)
+    return {"spec": args.data, "seq_len": seq_len, **data_kwargs(args), "max_tokens": parse_count(cap) if cap else None}
 
 
 def load_data_from_args(args, tokenizer, seq_len: int):
     from minitron.data import load_token_data
 
-    spec = data_spec_from_args(args, seq_len)
-    return load_token_data(spec.pop("spec"), tokenizer, spec.pop("seq_len"), **spec)
+    return load_token_data(args.data, tokenizer, seq_len, **data_kwargs(args))
+
+
+def data_kwargs(args) -> dict:
+    """The data flags as keyword arguments of load_token_data / open_or_build_store."""
+    return dict(val_fraction=args.val_fraction, seed=args.seed, hf_config=args.data_config, hf_split=args.data_split,
+                text_field=args.text_field, store=args.token_store)
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None) -> None:

@@ -143,7 +143,11 @@ def run_job(job: TrainJob, callback: Callable[[dict], None] | None = None) -> di
                 allow_pickle=job.allow_pickle, trust_remote_code=job.trust_remote_code)
             check_compatible(teacher, model, teacher_tokenizer, tokenizer)
         kwargs = {k: v for k, v in job.data.items() if k not in ("spec", "seq_len")}
+        if world > 1 and rank > 0:  # rank 0 opens (or builds) the token store first, then the others read it
+            dist.barrier()
         data = load_token_data(job.data["spec"], tokenizer, job.data["seq_len"], **kwargs)
+        if world > 1 and rank == 0:
+            dist.barrier()
         loaded = _peak_rss_mib()
         train = distill if teacher is not None else correct_teacher
         result = train(*((teacher, model) if teacher is not None else (model,)), data, job.train,
@@ -170,14 +174,15 @@ def run_job(job: TrainJob, callback: Callable[[dict], None] | None = None) -> di
 def _load_trained(job: TrainJob, device, rank: int, world: int):
     """(model, tokenizer, weights): the trained model in fp32 on this rank's device (weights None), or under FSDP
     built on the meta device with its weights read by rank 0 alone ({} on the others)."""
-    from minitron.models import build_meta_model, load_config, load_model, load_tokenizer, read_weights
+    from minitron.data import load_tokenizer
+    from minitron.models import build_meta_model, load_config, load_model, read_weights
 
     if world == 1 or job.train.parallel != "fsdp":
         model, tokenizer = load_model(job.model, dtype="fp32", device=device, allow_pickle=job.allow_pickle,
                                       trust_remote_code=job.trust_remote_code)
         return model, tokenizer, None
     model = build_meta_model(load_config(job.model, trust_remote_code=job.trust_remote_code))
-    tokenizer = load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
+    tokenizer = load_tokenizer(job.model)
     return model, tokenizer, read_weights(job.model) if rank == 0 else {}
 
 
