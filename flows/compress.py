@@ -132,8 +132,9 @@ def _link_runs(parent: tracking.Run, uri: str, prefect_url: str | None) -> None:
 
     prefect = f"[{flow_run.name}]({prefect_url})" if prefect_url else f"`{flow_run.name}` (`{flow_run.id}`)"
     source = f" of deployment `{deployment.name}`" if deployment.name else ""
-    parent.describe(f"Prefect flow run {prefect}{source}. Each stage and search candidate is a child run "
-                    "below; the summary, the final checkpoint and its registry entry are on this run.")
+    parent.describe(f"Prefect flow run {prefect}{source}. Its stages and search candidates are this run's "
+                    "child runs (expand it in the experiment's runs table); the summary, the final checkpoint and "
+                    "its registry entry are on this run.")
     if url := parent.url(uri):
         create_link_artifact(url, link_text=f"MLflow run: {flow_run.name}", key="mlflow-run",
                              description="This flow run's MLflow parent run: parameters, stage child runs, "

@@ -79,18 +79,16 @@ def plot_head_importance(scores, path, kept=None, title: str | None = None) -> P
     """Heatmap of query-head importance, layers × heads; `kept` ([layers, heads] bools, `prune.kept_heads`) crosses
     out the heads a pruned shape removes (whole rows for dropped layers)."""
     heads = scores.heads.float().numpy()
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * heads.shape[1] + 2), max(3, 0.22 * heads.shape[0] + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * heads.shape[1] + 2), max(3.5, 0.22 * heads.shape[0] + 1.5)))
     im = ax.imshow(heads, aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="importance")
     if kept is not None:
         layer, head = (~kept.bool()).nonzero(as_tuple=True)
-        ax.scatter(head.numpy(), layer.numpy(), marker="x", s=40, color="tab:red", linewidths=1.5,
-                   label="pruned")
-        ax.legend(loc="upper right", bbox_to_anchor=(1, 1.12), fontsize=8, frameon=False)
+        ax.scatter(head.numpy(), layer.numpy(), marker="x", s=40, color="tab:red", linewidths=1.5)
     _integer_ticks(ax.xaxis, ax.yaxis)
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
-    ax.set_title(title or "attention-head importance", loc="left")
+    ax.set_title(title or ("attention-head importance" + ("\n× = pruned" if kept is not None else "")), fontsize=10)
     return _save(fig, path)
 
 

@@ -157,9 +157,9 @@ class Stage:
         if now - self._last < PROGRESS_EVERY_S and "val_kl" not in record and "val_ce" not in record:
             return
         self._last = now
-        shown = {k: sig(v) if k in ("loss", "val_kl", "val_ce", "lr") else round(v) if k == "tokens_per_s" else v
-                 for k, v in record.items()
-                 if k in ("step", "tokens", "loss", "val_kl", "val_ce", "lr", "tokens_per_s") and v is not None}
+        formats = {"step": str, "tokens": str, "loss": sig, "val_kl": sig, "val_ce": sig, "lr": "{:.3g}".format,
+                   "tokens_per_s": lambda v: str(round(v))}  # 3 significant digits: KLs near 1e-4 stay readable
+        shown = {k: formats[k](v) for k, v in record.items() if k in formats and v is not None}
         get_run_logger().info("%s %s", self.name, " ".join(f"{k}={v}" for k, v in shown.items()))
         if self.total_tokens and "tokens" in record:
             self.progress(100.0 * record["tokens"] / self.total_tokens)

@@ -37,7 +37,7 @@ def _register(ctx: RunContext, name: str, student: dict) -> str:
     return version.version
 
 
-@task(name="export", persist_result=True)
+@task(name="export", task_run_name="export", persist_result=True)
 def export_student(config: CompressConfig, ctx: RunContext, teacher: dict, pruned: dict, student: dict,
                    report: dict | None) -> dict:
     from prefect.artifacts import create_markdown_artifact
@@ -52,17 +52,18 @@ def export_student(config: CompressConfig, ctx: RunContext, teacher: dict, prune
                         "compression": teacher["params"] / student["params"]})
     _log_pruned_heads(config, ctx, parent, pruned)
     experiment_id = parent.info.experiment_id
+    experiment = tracking.retry(parent.client.get_experiment, experiment_id).name
     run_link, experiment_link = (tracking.run_url(ctx.tracking_uri, experiment_id, ctx.parent_run_id),
                                  tracking.experiment_url(ctx.tracking_uri, experiment_id))
     lines = [f"# {config.name}: {config.teacher} → {format_count(student['params'])}", "",
-             "| model | parameters | checkpoint |", "|---|---|---|",
-             f"| teacher | {format_count(teacher['params'])} | `{teacher['uri']}` |",
-             f"| pruned winner {shape_label(pruned['shape'], pruned.get('drop'))} | {format_count(pruned['params'])} "
-             "| re-pruned from teacher |",
-             f"| final student | {format_count(student['params'])} | `{student['uri']}` |", "",
+             markdown_table([
+                 {"model": "teacher", "parameters": format_count(teacher["params"])},
+                 {"model": f"pruned winner {shape_label(pruned['shape'], pruned.get('drop'))} (re-pruned from the "
+                           "teacher)", "parameters": format_count(pruned["params"])},
+                 {"model": "final student", "parameters": format_count(student["params"])}]), "",
              f"Validation KL to the teacher: {sig(pruned.get('proxy_kl'))} right after pruning, "
              f"{sig(student['val_kl_before'])} when the final distillation started, {sig(student['val_kl'])} at its "
-             "end.", ""]
+             "end.", "", f"- teacher checkpoint: `{teacher['uri']}`", f"- final checkpoint: `{student['uri']}`", ""]
     if pruned.get("table"):
         winner = next((r["index"] for r in pruned["table"] if r["name"] == pruned.get("name")), None)
         lines += ["## Candidates", "", markdown_table(candidate_table(pruned["table"], winner)), "",
@@ -70,7 +71,7 @@ def export_student(config: CompressConfig, ctx: RunContext, teacher: dict, prune
     if report:
         lines += ["## Evaluation", "", report["table"], ""]
     if run_link:
-        lines += [f"MLflow: [parent run]({run_link}) in experiment [{experiment_id}]({experiment_link}) (stages and "
+        lines += [f"MLflow: [parent run]({run_link}) in experiment [{experiment}]({experiment_link}) (stages and "
                   f"candidates are its child runs); registered model `{name}` version {version}."]
     else:  # a local store: its UI is `mlflow ui` on that store
         lines += [f"MLflow parent run `{ctx.parent_run_id}` in `{tracking.scrub(ctx.tracking_uri)}` (browse it with "
@@ -96,6 +97,5 @@ def _log_pruned_heads(config: CompressConfig, ctx: RunContext, parent: tracking.
     drop = tuple(pruned["drop"]) if pruned.get("drop") else None
     kept = kept_heads(scores, Shape(**pruned["shape"]), drop, config.layer_metric)
     out = Path(ctx.work_dir) / "export" / "head_importance_pruned.png"
-    parent.log_artifact(plot_head_importance(scores, out, kept=kept,
-                                             title=f"head importance: × = pruned for "
-                                                   f"{shape_label(pruned['shape'], drop)}"), "importance")
+    title = f"attention-head importance\n× = pruned for {shape_label(pruned['shape'], drop)}"
+    parent.log_artifact(plot_head_importance(scores, out, kept=kept, title=title), "importance")
