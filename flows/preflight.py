@@ -87,5 +87,9 @@ def preflight(config: CompressConfig) -> Plan:
         if config.tokens(field) < tokens_per_step:
             raise UserError(f"{field} = {getattr(config, field)} is less than one optimizer step "
                             f"({tokens_per_step} tokens = batch_size x grad_accum x seq_len)")
+    if config.backend == "ray":  # last: joining a cluster takes seconds; it must answer, take our token and fit
+        from tasks.ray_cluster import check_cluster
+
+        check_cluster(config, {"each training stage": config.nproc})
     return Plan(teacher_ref={"uri": config.teacher, "params": teacher_params}, teacher_params=teacher_params,
                 steps=tuple(steps))
