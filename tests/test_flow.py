@@ -80,6 +80,9 @@ def test_tiny_flow_end_to_end(services):
     assert {"candidates.json", "pareto.png"} <= {a.path for a in client.list_artifacts(select.info.run_id)}
     importance = {a.path for a in client.list_artifacts(children["importance"].info.run_id, "importance")}
     assert {"importance/head_importance.png", "importance/layer_importance.png"} <= importance
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "importance")] == [
+        "importance/head_importance_pruned.png"]  # the winner's pruned heads crossed out
+    assert tags["mlflow.note.content"].startswith("Prefect flow run ")  # the description links back
     assert client.get_model_version(summary["registered_model"], summary["version"]).source == \
         tags["final_checkpoint_uri"]
 
@@ -102,7 +105,8 @@ def test_tiny_flow_end_to_end(services):
         logs = prefect.read_logs()
     assert {"summary", "evaluation"} <= set(artifacts)
     assert any(k.startswith("search-") for k in artifacts)
-    assert "final student" in artifacts["summary"].data
+    assert "final student" in artifacts["summary"].data and "★ winner" in artifacts["summary"].data
+    assert "evaluation-vs-teacher" in artifacts
 
     # secret hygiene: nothing we logged anywhere carries the credential
     texts = [dump_run(r.info.run_id) for r in [parent, *children.values()]]
