@@ -133,6 +133,9 @@ class CompressConfig(BaseModel):
                                 "(document-level, deterministic).")
     max_corpus_tokens: Count | None = Field(None, description="Read at most this many corpus tokens (e.g. 20M); "
                                             "empty reads all.")
+    token_store: str | None = Field(None, description="Where tokenised corpora are kept, one store per corpus and "
+                                    "tokenizer, shared by every stage and later runs: a folder or "
+                                    "s3://bucket/prefix (for several nodes); empty = the cache folder.")
     seq_len: int = Field(1024, ge=16, le=131072, description="Tokens per training/validation sequence.")
 
     # --- importance (stage 2) ----------------------------------------------------------------------------------
