@@ -153,10 +153,14 @@ def fetch(ctx: RunContext, uri: str) -> Path:
 
 
 class Stage:
-    """Handle yielded by `stage(...)`: the MLflow child run plus progress reporting and checkpoint publishing."""
+    """Handle yielded by `stage(...)`: the MLflow child run plus progress reporting and checkpoint publishing.
+
+    In a task run, the Prefect run page gets a link to the child run's MLflow page and, for a compute stage, a
+    progress artifact: tokens processed for training stages (`total_tokens`), `progress(...)` for the others, and
+    100% when the stage's block ends without an error."""
 
     def __init__(self, ctx: RunContext, name: str, run: tracking.Run, total_tokens: int | None,
-                 devices: tuple[int, ...] = ()):
+                 progress: bool = True, devices: tuple[int, ...] = ()):
         self.ctx, self.name, self.run = ctx, name, run
         self.devices = devices  # CUDA indices this stage holds (none on a machine without GPUs)
         self.work = Path(ctx.work_dir) / slug(name)
@@ -164,25 +168,37 @@ class Stage:
         self.total_tokens = total_tokens
         self._last = 0.0
         self._progress_id = None
-        if total_tokens and TaskRunContext.get() is not None:
-            from prefect.artifacts import create_progress_artifact
+        if TaskRunContext.get() is not None:
+            from prefect.artifacts import create_link_artifact, create_progress_artifact
 
-            self._progress_id = create_progress_artifact(0.0, description=f"{name}: tokens processed")
+            if url := run.url(ctx.tracking_uri):
+                create_link_artifact(url, link_text=f"MLflow: {name}", description=f"the MLflow run of {name}")
+            if progress:
+                what = "tokens processed" if total_tokens else "done"
+                self._progress_id = create_progress_artifact(0.0, description=f"{name}: {what}")
+
+    def progress(self, percent: float, description: str | None = None) -> None:
+        """Move the stage's progress artifact (0-100)."""
+        if self._progress_id:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self._progress_id, min(100.0, percent), description=description)
 
     def on_metrics(self, record: dict) -> None:
         """Callback for the minitron loops: every record to MLflow (few stable keys), throttled to Prefect."""
+        from minitron.report import sig
+
         self.run.log_progress(record)
         now = time.monotonic()
         if now - self._last < PROGRESS_EVERY_S and "val_kl" not in record and "val_ce" not in record:
             return
         self._last = now
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()
-                 if k in ("step", "tokens", "loss", "val_kl", "val_ce", "lr", "tokens_per_s") and v is not None}
+        formats = {"step": str, "tokens": str, "loss": sig, "val_kl": sig, "val_ce": sig, "lr": "{:.3g}".format,
+                   "tokens_per_s": lambda v: str(round(v))}  # 3 significant digits: KLs near 1e-4 stay readable
+        shown = {k: formats[k](v) for k, v in record.items() if k in formats and v is not None}
         get_run_logger().info("%s %s", self.name, " ".join(f"{k}={v}" for k, v in shown.items()))
-        if self._progress_id and self.total_tokens and "tokens" in record:
-            from prefect.artifacts import update_progress_artifact
-
-            update_progress_artifact(self._progress_id, min(100.0, 100.0 * record["tokens"] / self.total_tokens))
+        if self.total_tokens and "tokens" in record:
+            self.progress(100.0 * record["tokens"] / self.total_tokens)
 
     def publish(self, folder: Path, key: str | None = None) -> str:
         """Upload a finished folder to `<run_key>/<stage>` (manifest last) and tag the child run with its URI."""
@@ -199,12 +215,14 @@ def stage(ctx: RunContext, name: str, params: dict | None = None, *, total_token
     from prefect.concurrency.sync import concurrency
 
     with tracking.child_run(ctx.parent_run_id, name, params, tracking_uri=ctx.tracking_uri) as run:
+        s = Stage(ctx, name, run, total_tokens, progress=compute)
         if not compute:
-            yield Stage(ctx, name, run, total_tokens)
+            yield s
             return
         occupy = devices if ctx.slot.startswith("gpu:") else 1
         with concurrency(ctx.slot, occupy=occupy, timeout_seconds=ctx.slot_timeout_s, strict=True):
-            yield Stage(ctx, name, run, total_tokens)
+            yield s
+        s.progress(100.0)  # the last record of a loop rarely lands on the budget exactly
 
 
 def stage_params(config: CompressConfig, *fields: str) -> dict:
@@ -239,11 +257,29 @@ def load_run_model(config: CompressConfig, ref: dict, ctx: RunContext):
                       trust_remote_code=config.trust_remote_code)
 
 
+def task_run_label(stage_name: str, parameters: dict) -> str:
+    """A stage's task-run name in the Prefect UI: the stage, and the candidate's shape or the target it works on
+    ("distill-candidate L24-H576-F1536-A9-KV3", "rank-candidates 72.60M")."""
+    from minitron.config import format_count
+    from minitron.report import shape_label
+
+    if isinstance(parameters.get("row"), dict):
+        return f"{stage_name} {shape_label(parameters['row']['shape'], parameters['row'].get('drop'))}"
+    if isinstance(parameters.get("shape"), dict):
+        return f"{stage_name} {shape_label(parameters['shape'], parameters.get('drop'))}"
+    if isinstance(parameters.get("target"), int):
+        return f"{stage_name} {format_count(parameters['target'])}"
+    return stage_name
+
+
 def stage_task(name: str, **options):
     """@task with the stage defaults: persisted, cached by `stage_cache_key`, named for the UI."""
     from prefect import task
 
-    return task(name=name, cache_key_fn=stage_cache_key, persist_result=True, **options)
+    def run_name(parameters: dict) -> str:
+        return task_run_label(name, parameters)
+
+    return task(name=name, cache_key_fn=stage_cache_key, persist_result=True, task_run_name=run_name, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -114,6 +114,7 @@ def select_architecture(config: CompressConfig, ctx: RunContext, target: int, pr
     from prefect.artifacts import create_table_artifact
 
     from minitron.plots import plot_pareto
+    from minitron.report import candidate_table, kendall_line
     from minitron.search import CandidateRow, select
 
     done = {r["index"]: r for r in distilled}
@@ -132,20 +133,13 @@ def select_architecture(config: CompressConfig, ctx: RunContext, target: int, pr
         plot = plot_pareto(rows, s.work / "pareto.png", winner_index=winner["index"],
                            title=f"search for {format_count(target)}: parameters vs validation KL")
         s.run.log_artifact(plot)
-        create_table_artifact(
-            [{"candidate": r["name"], "kind": r["kind"], "params": r["params"], "proxy_kl": _round(r["proxy_kl"]),
-              "final_kl": _round(r["final_kl"]), "status": r["status"] + (" (winner)" if r is winner else "")}
-             for r in rows],
-            key=f"search-{target}", description=f"Candidates for {format_count(target)}: winner {winner['name']}, "
-            f"Kendall tau (proxy vs distilled) = {'n/a' if tau is None else f'{tau:.2f}'}")
+        create_table_artifact(candidate_table(rows, winner["index"]), key=f"search-{target}",
+                              description=f"Candidates for {format_count(target)}, best proxy KL first. "
+                              f"{kendall_line(tau)}")
     get_run_logger().info("search %s: winner %s (val KL %.4f), Kendall tau %s", format_count(target),
                           winner["name"], winner["final_kl"], tau)
     return {"uri": winner["uri"], "params": winner["params"], "shape": winner["shape"], "drop": winner["drop"],
             "name": winner["name"], "proxy_kl": winner["proxy_kl"], "kendall_tau": tau, "table": rows}
-
-
-def _round(x):
-    return None if x is None else round(x, 4)
 
 
 def search_architecture(config: CompressConfig, ctx: RunContext, teacher: dict, scores: dict, target: int) -> dict:

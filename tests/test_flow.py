@@ -81,6 +81,9 @@ def test_tiny_flow_end_to_end(services):
     assert {"candidates.json", "pareto.png"} <= {a.path for a in client.list_artifacts(select.info.run_id)}
     importance = {a.path for a in client.list_artifacts(children["importance"].info.run_id, "importance")}
     assert {"importance/head_importance.png", "importance/layer_importance.png"} <= importance
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "importance")] == [
+        "importance/head_importance_pruned.png"]  # the winner's pruned heads crossed out
+    assert tags["mlflow.note.content"].startswith("Prefect flow run ")  # the description links back
     assert client.get_model_version(summary["registered_model"], summary["version"]).source == \
         tags["final_checkpoint_uri"]
 
@@ -103,7 +106,8 @@ def test_tiny_flow_end_to_end(services):
         logs = prefect.read_logs()
     assert {"summary", "evaluation"} <= set(artifacts)
     assert any(k.startswith("search-") for k in artifacts)
-    assert "final student" in artifacts["summary"].data
+    assert "final student" in artifacts["summary"].data and "★ winner" in artifacts["summary"].data
+    assert "evaluation-vs-teacher" in artifacts
 
     # secret hygiene: nothing we logged anywhere carries the credential
     texts = [dump_run(r.info.run_id) for r in [parent, *children.values()]]
@@ -165,6 +169,28 @@ def test_bad_input_fails_in_seconds(services, override, message):
         preflight(tiny(**override))
     assert "\n" not in str(err.value)
     assert time.monotonic() - start < 30
+
+
+def test_a_given_run_name_is_kept_and_a_made_up_one_replaced(monkeypatch):
+    """Prefect names a run given no name with a two-word slug (schedules, `prefect deployment run`, `minitron run`):
+    that one becomes "<name>: <teacher> → <target>"; a name the user typed is kept as it is."""
+    from prefect.runtime import flow_run
+    from prefect.utilities.names import generate_slug
+
+    from flows.compress import made_up_by_prefect, run_name
+
+    assert all(made_up_by_prefect(generate_slug(2)) for _ in range(300))
+    for typed in ("baseline-run", "ui-3f2a1b-run", "Nightly test", "my run", "llama-8b-width"):
+        assert not made_up_by_prefect(typed)
+    config = tiny(name="named").model_dump(mode="json")
+    for given, parameters, expected in ((generate_slug(2), {"config": config}, "named: tiny-random-llama → 60%"),
+                                        ("baseline-run", {"config": config}, "baseline-run"),
+                                        # an invalid config still names the run (preflight refuses it after)
+                                        ("crimson-tiger", {"config": {"name": "x", "target_params": "banana"}},
+                                         "x: smollm2-135m → banana")):
+        monkeypatch.setitem(flow_run.FIELDS, "name", lambda given=given: given)
+        monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda parameters=parameters: parameters)
+        assert run_name() == expected
 
 
 def test_two_process_fsdp_flow_matches_one_process(services):
