@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
+from test_distill_loop import (  # noqa: F401  (autouse: one torch thread)
+    depth_pruned,
+    one_thread,
+    sharp_teacher,
+)
 
 from infra import stack
 from minitron.config import make_config
@@ -76,7 +84,7 @@ def test_task_resource_requests_visible_in_state_api(ray_driver, tmp_path):
 
 def test_preflight_accepts_a_cluster_that_fits(ray_driver, ray_cluster):
     config = make_config({"backend": "ray", "ray_address": ray_cluster.address, "nproc": 2, "device": "cpu"})
-    resources = check_cluster(config, {"each training stage": 2})
+    resources = check_cluster(config, lambda gpu: {"each training stage": 2})
     assert resources["CPU"] == 2.0 and resources.get("GPU", 0) == 0
 
 
@@ -145,3 +153,140 @@ print(json.dumps({"cpu": resources["CPU"], "mode": os.environ["RAY_AUTH_MODE"], 
     assert out["cpu"] >= 1 and out["mode"] == "token" and out["token"] == 64
     assert out["url"].startswith("http://127.0.0.1:") and (out["without"], out["with"]) == (401, 200)
     assert not (tmp_path / ".ray").exists()
+
+
+# -- training stages as Ray Train jobs ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(teacher, student) folders: a sharp tiny teacher and its depth-pruned student (as tests/test_distill_ddp.py)."""
+    from minitron.models import make_byte_tokenizer, save_model
+
+    root, tokenizer, teacher = tmp_path_factory.mktemp("folders"), make_byte_tokenizer(), sharp_teacher()
+    return (save_model(teacher, tokenizer, root / "teacher"),
+            save_model(depth_pruned(teacher), tokenizer, root / "student"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for d in range(12):
+        paragraphs = [" ".join(f"w{(d * 31 + p * 13 + i * 7) % 97}" for i in range(60)) for p in range(5)]
+        (folder / f"doc{d:02d}.txt").write_text("\n\n".join(paragraphs))
+    return folder
+
+
+def ray_run(tmp_path, store: str, **overrides):
+    """A RunContext and a run config for calling the Ray training path directly (the flow builds the same)."""
+    from tasks.common import RunContext
+
+    ctx = RunContext(parent_run_id="", tracking_uri="", store_uri=store, run_key="test/run", work_dir=str(tmp_path /
+                     "work"), slot="cpu:test", slot_timeout_s=1.0, stage_timeout_s=None, refresh=False)
+    return ctx, make_config({"backend": "ray", "device": "cpu", "seq_len": 16, "val_fraction": 0.3,
+                             "batch_size": 2, "lr": 3e-3, "eval_every": 50, "val_batches": 2, "checkpoint_every": 20,
+                             **overrides})
+
+
+def distill_job(config, models, corpus, out: Path, nproc: int):
+    from minitron.plan import Parallelism
+    from tasks.common import training_job
+
+    config = config.model_copy(update={"data": str(corpus), "nproc": nproc})
+    teacher, student = models
+    return training_job(config, "distill", "distill_tokens", Parallelism(nproc, "ddp", False), out,
+                        model=str(student), teacher=str(teacher))
+
+
+def registered_step(storage: Path) -> int | None:
+    """The step of the latest checkpoint Ray Train has registered in the store for the one job under `storage`."""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            return json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"].get("step")
+        except (ValueError, KeyError, TypeError):  # being written, or nothing registered yet
+            return None
+    return None
+
+
+def kill_a_worker_once_checkpointed(storage: Path, killed: dict) -> threading.Thread:
+    """Watch Ray Train's storage folder; once a checkpoint of the job is registered there, SIGKILL one of its worker
+    processes (found through the state API) and record the step, PID and placement group."""
+    from ray.util.state import list_actors
+
+    def watch():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if step := registered_step(storage):
+                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                                      detail=True)
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed.update(step=step, pid=workers[-1].pid, group=workers[-1].placement_group_id)
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_killed_worker_restarts_the_job_from_its_last_checkpoint(ray_driver, models, corpus, tmp_path):
+    """A 2-worker Ray Train distillation: once a checkpoint is in the store, one worker process gets SIGKILL. Ray
+    Train restarts the worker group (ray_max_failures = 1), rank 0 gets the checkpoint back from the store and the
+    loop resumes from it; the student ends where one process at the same global batch ends (atol 1e-5, 0.3% of an
+    Adam step, as the torchrun resume test)."""
+    from ray.util.state import get_placement_group
+    from transformers import AutoModelForCausalLM
+
+    from minitron.distill.worker import launch
+    from tasks import ray_train
+
+    ctx, config = ray_run(tmp_path, str(tmp_path / "store"), ray_max_failures=1, distill_tokens=200 * 4 * 16)
+    job = distill_job(config, models, corpus, tmp_path / "two", 2)
+    killed, records = {}, []
+    watcher = kill_a_worker_once_checkpointed(tmp_path / "store" / "ray", killed)
+    result = ray_train.fit(ctx, config, "distill", {"CPU": 2.0}, job, callback=records.append)
+    watcher.join(timeout=5)
+    assert killed, "no checkpoint reached the store"
+    # the job's request, as the state API shows it: one placement group, a bundle of 1 CPU per worker
+    assert [b["unit_resources"] for b in get_placement_group(killed["group"]).bundles] == [{"CPU": 1.0}] * 2
+    assert result["world"] == 2 and result["steps"] == 200 and 20 <= result["start_step"] < 200, result
+    assert result["start_step"] >= killed["step"]  # from a checkpoint in the store, not from step 0
+    assert records[-1]["step"] == 200  # rank 0's records reached the stage's callback, across the restart
+
+    one = launch(distill_job(config.model_copy(update={"batch_size": 4}), models, corpus, tmp_path / "one", 1))
+    assert one["steps"] == 200
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d) for d in ("one", "two"))
+    for (name, p1), p2 in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p2, p1, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_job_out_of_retries_fails_in_one_line(ray_driver, models, corpus, tmp_path):
+    """ray_max_failures = 0: the first dead worker ends the stage, with one line that says so."""
+    from tasks import ray_train
+
+    ctx, config = ray_run(tmp_path, str(tmp_path / "store"), ray_max_failures=0, distill_tokens=200 * 4 * 16)
+    killed = {}
+    watcher = kill_a_worker_once_checkpointed(tmp_path / "store" / "ray", killed)
+    with pytest.raises(RuntimeError) as failed:
+        ray_train.fit(ctx, config, "distill", {"CPU": 2.0}, distill_job(config, models, corpus, tmp_path / "o", 2))
+    watcher.join(timeout=5)
+    assert killed
+    line = str(failed.value)
+    assert "\n" not in line and line.startswith("distill: the Ray Train job failed 1 time, retries exhausted "
+                                                "(ray_max_failures = 0): rank "), line
+
+
+def test_a_user_error_on_a_ray_worker_is_one_line(ray_driver, models, corpus, tmp_path, tiny_tokenizer):
+    """Found on the workers once the models are loaded: the stage fails with that line (a UserError), not with Ray's
+    report of a failed worker group, and no retry trains anything."""
+    from conftest import build_tiny_model
+
+    from minitron.models import save_model
+    from tasks import ray_train
+
+    ctx, config = ray_run(tmp_path, str(tmp_path / "store"), ray_max_failures=2, distill_tokens=640)
+    other_vocab = save_model(build_tiny_model("llama", vocab_size=300), tiny_tokenizer, tmp_path / "v300")
+    with pytest.raises(UserError, match="^teacher and student vocabularies differ"):
+        ray_train.fit(ctx, config, "distill", {"CPU": 2.0},
+                      distill_job(config, (models[0], other_vocab), corpus, tmp_path / "o", 2))
