@@ -175,7 +175,7 @@ class FlakyProxy:
 
 # -- a local Ray cluster -------------------------------------------------------------------------------------------
 RAY_TOKEN = secrets.token_hex(32)  # one per test session: Ray caches the token per process, so every cluster shares it
-RAY_CPUS = 2  # two workers' worth: two candidates, or a 2-worker Ray Train job (CPU, gloo)
+RAY_CPUS = 4  # logical CPUs: the search's two candidates as 2-worker Ray Train jobs side by side (CPU, gloo)
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""backend: ray on a real local Ray cluster (one head per module, token auth on, 2 CPUs): tasks ask Ray for their
-resources and the state API shows the requests; preflight joins the cluster with the token and refuses, in one line
-and before any model work, a cluster that is too small, a wrong token and an address where nothing answers."""
+"""backend: ray on a real local Ray cluster (one head per module, token auth on, RAY_CPUS CPUs): tasks ask Ray for
+their resources and the state API shows the requests; preflight joins the cluster with the token and refuses, in one
+line and before any model work, a cluster that is too small, a wrong token and an address where nothing answers.
+Training stages run as Ray Train jobs that survive a killed worker, and the tiny flow on Ray matches the local
+backend."""
 
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from services import RAY_CPUS
 from test_distill_loop import (  # noqa: F401  (autouse: one torch thread)
     depth_pruned,
     one_thread,
     sharp_teacher,
 )
+from test_flow import children_of, prefect_harness, services, tiny  # noqa: F401  (fixtures)
 
 from infra import stack
 from minitron.config import make_config
@@ -40,8 +44,8 @@ def _wait_for(predicate, timeout=60.0):
 
 
 def test_task_resource_requests_visible_in_state_api(ray_driver, tmp_path):
-    """Three 1-CPU candidates on 2 CPUs: two run at once, the third waits for a CPU; a 1-GPU task waits for a GPU
-    the cluster does not have. The state API shows each one's request and state."""
+    """RAY_CPUS + 1 1-CPU candidates on RAY_CPUS CPUs: all but one run at once, the last waits for a CPU; a 1-GPU
+    task waits for a GPU the cluster does not have. The state API shows each one's request and state."""
     ray = ray_driver
     from ray.util.state import list_tasks
 
@@ -58,34 +62,35 @@ def test_task_resource_requests_visible_in_state_api(ray_driver, tmp_path):
         pass
 
     job = ray.get_runtime_context().get_job_id()
-    refs = [candidate.options(name=f"candidate-{i}").remote(str(gate)) for i in range(3)]
+    n = RAY_CPUS + 1
+    refs = [candidate.options(name=f"candidate-{i}").remote(str(gate)) for i in range(n)]
     gpu_ref = evaluation.options(name="evaluation").remote()
 
     def snapshot():
         rows = {t.name: t for t in list_tasks(filters=[("job_id", "=", job)], detail=True)}
         states = sorted(t.state for n, t in rows.items() if n.startswith("candidate-"))
-        ready = states == ["PENDING_NODE_ASSIGNMENT", "RUNNING", "RUNNING"] and "evaluation" in rows
+        ready = states == ["PENDING_NODE_ASSIGNMENT", *["RUNNING"] * RAY_CPUS] and "evaluation" in rows
         return rows if ready else None
 
     rows = _wait_for(snapshot)
-    assert rows, "two candidates running and one pending never showed in the state API"
-    for i in range(3):
+    assert rows, f"{RAY_CPUS} candidates running and one pending never showed in the state API"
+    for i in range(n):
         assert rows[f"candidate-{i}"].required_resources == {"CPU": 1.0}
     assert rows["evaluation"].required_resources == {"CPU": 1.0, "GPU": 1.0}
     assert rows["evaluation"].state == "PENDING_NODE_ASSIGNMENT"  # no GPU anywhere: it waits, it never runs
-    running = {rows[f"candidate-{i}"].node_id for i in range(3) if rows[f"candidate-{i}"].state == "RUNNING"}
-    assert len(running) == 1  # one node (the head) runs both
+    running = {rows[f"candidate-{i}"].node_id for i in range(n) if rows[f"candidate-{i}"].state == "RUNNING"}
+    assert len(running) == 1  # one node (the head) runs them all
 
     gate.touch()
     pids = ray.get(refs, timeout=60)
-    assert len(pids) == 3 and len(set(pids[:2])) == 2  # the first two ran at the same time, in two processes
+    assert len(pids) == n and len(set(pids[:RAY_CPUS])) == RAY_CPUS  # the first ran at the same time, in own processes
     ray.cancel(gpu_ref, force=True)
 
 
 def test_preflight_accepts_a_cluster_that_fits(ray_driver, ray_cluster):
     config = make_config({"backend": "ray", "ray_address": ray_cluster.address, "nproc": 2, "device": "cpu"})
     resources = check_cluster(config, lambda gpu: {"each training stage": 2})
-    assert resources["CPU"] == 2.0 and resources.get("GPU", 0) == 0
+    assert resources["CPU"] == RAY_CPUS and resources.get("GPU", 0) == 0
 
 
 @pytest.mark.parametrize("device, resources, need, message", [
@@ -115,13 +120,14 @@ def test_run_refuses_in_one_line(case, ray_cluster, tmp_path):
     env.pop("RAY_ADDRESS")
     if case == "wrong-token":
         env["RAY_AUTH_TOKEN"] = "0" * 64
-    nproc = 3 if case == "too-small" else 2
+    nproc = RAY_CPUS + 1 if case == "too-small" else 2
     result = subprocess.run(
         [sys.executable, "-m", "minitron.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
          "--set", "backend=ray", "--set", f"ray_address={address}", "--set", f"nproc={nproc}", "--set", "device=cpu"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    expected = {"too-small": f"error: the Ray cluster at {address} has 2 CPUs but each training stage needs 3: ",
+    expected = {"too-small": f"error: the Ray cluster at {address} has {RAY_CPUS} CPUs but each training stage needs "
+                             f"{RAY_CPUS + 1}: ",
                 "wrong-token": f"error: the Ray cluster at {address} refused this process: check that "
                                "RAY_AUTH_TOKEN is that cluster's token",
                 "nothing-there": f"error: nothing answers at {address}: "}[case]
@@ -245,7 +251,7 @@ def test_killed_worker_restarts_the_job_from_its_last_checkpoint(ray_driver, mod
     job = distill_job(config, models, corpus, tmp_path / "two", 2)
     killed, records = {}, []
     watcher = kill_a_worker_once_checkpointed(tmp_path / "store" / "ray", killed)
-    result = ray_train.fit(ctx, config, "distill", {"CPU": 2.0}, job, callback=records.append)
+    result = ray_train.fit(ctx, config, "distill", {"CPU": float(RAY_CPUS)}, job, callback=records.append)
     watcher.join(timeout=5)
     assert killed, "no checkpoint reached the store"
     # the job's request, as the state API shows it: one placement group, a bundle of 1 CPU per worker
@@ -269,7 +275,8 @@ def test_a_job_out_of_retries_fails_in_one_line(ray_driver, models, corpus, tmp_
     killed = {}
     watcher = kill_a_worker_once_checkpointed(tmp_path / "store" / "ray", killed)
     with pytest.raises(RuntimeError) as failed:
-        ray_train.fit(ctx, config, "distill", {"CPU": 2.0}, distill_job(config, models, corpus, tmp_path / "o", 2))
+        ray_train.fit(ctx, config, "distill", {"CPU": float(RAY_CPUS)},
+                      distill_job(config, models, corpus, tmp_path / "o", 2))
     watcher.join(timeout=5)
     assert killed
     line = str(failed.value)
@@ -288,5 +295,59 @@ def test_a_user_error_on_a_ray_worker_is_one_line(ray_driver, models, corpus, tm
     ctx, config = ray_run(tmp_path, str(tmp_path / "store"), ray_max_failures=2, distill_tokens=640)
     other_vocab = save_model(build_tiny_model("llama", vocab_size=300), tiny_tokenizer, tmp_path / "v300")
     with pytest.raises(UserError, match="^teacher and student vocabularies differ"):
-        ray_train.fit(ctx, config, "distill", {"CPU": 2.0},
+        ray_train.fit(ctx, config, "distill", {"CPU": float(RAY_CPUS)},
                       distill_job(config, (models[0], other_vocab), corpus, tmp_path / "o", 2))
+
+
+# -- the tiny flow on Ray against the local backend -----------------------------------------------------------------
+
+
+def watch_training_groups(seen: list, stop: threading.Event) -> threading.Thread:
+    """Poll the state API for the Ray Train jobs' placement groups while the flow runs: each poll appends the
+    bundles of every placement group that holds its resources (CREATED) at that moment."""
+    from ray.util.state import list_placement_groups
+
+    def watch():
+        while not stop.is_set():
+            groups = list_placement_groups(filters=[("state", "=", "CREATED")], detail=True)
+            seen.append({g.placement_group_id: [b["unit_resources"] for b in g.bundles] for g in groups})
+            stop.wait(0.5)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_tiny_flow_on_ray_matches_the_local_backend(ray_driver, ray_cluster, services):  # noqa: F811
+    """configs/tiny.yaml with nproc 2 (DDP, gloo) under backend local (torchrun) and backend ray (every training
+    stage a 2-worker Ray Train job): the same final validation KL, and the search's two candidates trained as
+    concurrent Ray Train jobs, each requesting 1 CPU per worker as the state API shows.
+
+    Both backends run the same run_job on the same TrainJob with the same 2-rank gloo all-reduce, so the students
+    agree to fp32 reduction order: rel 1e-4 (the torchrun-vs-one-process test allows 1e-3 for FSDP's
+    reduce-scatter); distillation moves the KL by more than half, so a lost rank or data slice would not pass."""
+    from mlflow import MlflowClient
+
+    from flows.compress import compress
+
+    common = dict(evaluate=False, axes="width", tolerance=0.2, search_max_candidates=2, search_top_k=2, device="cpu",
+                  nproc=2, parallel="ddp", batch_size=4)
+    local = compress(tiny(name="local", **common))
+    seen, stop = [], threading.Event()
+    watcher = watch_training_groups(seen, stop)
+    try:
+        on_ray = compress(tiny(name="on-ray", backend="ray", ray_address=ray_cluster.address, **common))
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    client = MlflowClient()
+    kl = {k: client.get_run(v["parent_run_id"]).data.metrics["final_val_kl"] for k, v in
+          {"local": local, "ray": on_ray}.items()}
+    assert kl["ray"] == pytest.approx(kl["local"], rel=1e-4), kl
+    trained = {name: run for name, run in children_of(on_ray["parent_run_id"]).items()
+               if name in ("correct-teacher", "distill") or name.startswith("candidate ")}
+    assert len(trained) == 4 and all(r.info.status == "FINISHED" for r in trained.values())
+    assert all(r.data.params["parallelism"] == "DDP x2" for r in trained.values())
+    # the candidates ran side by side: two training jobs held their placement groups at once, 1 CPU per worker
+    assert max(len(poll) for poll in seen) == 2, seen
+    assert all(bundles == [{"CPU": 1.0}] * 2 for poll in seen for bundles in poll.values()), seen
