@@ -26,7 +26,7 @@ from test_distill_loop import (  # noqa: F401  (autouse: one torch thread)
 from test_flow import children_of, prefect_harness, services, tiny  # noqa: F401  (fixtures)
 
 from infra import stack
-from minitron.config import make_config
+from minitron.config import load_config_file, make_config
 from minitron.errors import UserError
 from tasks.ray_cluster import check_capacity, check_cluster
 
@@ -108,6 +108,34 @@ def test_capacity_check(device, resources, need, message):
     else:
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
             check_capacity(config, resources, {"distillation": need}, "head:6379")
+
+
+@pytest.mark.parametrize("gpus, card, message", [
+    (8, "H100", None),
+    (4, "H100", "has 4 GPUs but teacher correction needs 8: add GPU nodes"),
+    (16, "A100-40G", "distillation on the cluster's a100-40gb: does not fit: "),  # no number of them holds it
+])
+def test_preflight_sizes_the_stages_for_the_cluster_gpus(gpus, card, message):
+    """The 8B→4B width preset on a GPU cluster: each training stage needs the GPUs the dry run plans on the cluster's
+    card (8 H100s; make_plan is the reference), and preflight refuses a cluster with fewer in one line."""
+    from flows.preflight import cluster_needs
+    from minitron.models import load_config
+    from minitron.plan import make_plan
+    from tasks.ray_cluster import cluster_gpu
+
+    config = load_config_file(ROOT / "configs" / "llama-3.1-8b-minitron-4b-width.yaml", ["backend=ray"])
+    teacher = load_config(config.teacher)
+    resources = {"CPU": 64.0, "GPU": float(gpus), f"accelerator_type:{card}": 1.0}
+    try:
+        needs = cluster_needs(config, teacher, cluster_gpu(config, resources))
+        check_capacity(config, resources, needs, "head:6379")
+    except UserError as err:
+        assert message and message in str(err) and "\n" not in str(err), err
+        return
+    assert message is None
+    plan = make_plan(config, "h100-80gb", teacher_config=teacher)
+    assert needs == {"teacher correction": 8, "distillation": 8} == {
+        st.name.split(" ", 1)[1]: st.gpus for st in plan.stages if st.kind == "train"}
 
 
 @pytest.mark.parametrize("case", ["too-small", "wrong-token", "nothing-there"])
