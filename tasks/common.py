@@ -37,10 +37,12 @@ TRAIN = ("batch_size", "grad_accum", "lr", "min_lr", "warmup_frac", "weight_deca
 STAGE_FIELDS = {
     "correct-teacher": (*DATA, *TRAIN, "teacher", "correction_tokens"),
     "importance": (*DATA, "calib_samples", "calib_seq_len", "seq_agg", "batch_agg", "batch_size", "val_batches"),
-    "rank-candidates": (*DATA, "tolerance", "axes", "prune_kv_groups", "proxy_batches", "search_max_candidates",
-                        "memory_cap_gib", "layer_metric", "batch_size"),
-    "distill-candidate": (*DATA, *TRAIN, "search_tokens", "layer_metric"),
-    "select-architecture": ("name",),
+    "search-candidates": (*DATA, "tolerance", "axes", "prune_kv_groups", "max_width_pruning", "max_depth_pruning",
+                          "memory_cap_gib", "search_max_candidates", "search_proxy", "proxy_batches",
+                          "depth_block_metric", "eval_limit", "val_batches", "batch_size", "grad_accum", "nproc",
+                          "search_tokens", "search_eta"),
+    "distill-candidate": (*DATA, *TRAIN),  # the round's budget is an input (tokens), not a config field
+    "select-architecture": ("name", "search_metric", "tolerance"),
     "prune": (*DATA, "layer_metric"),
     "distill": (*DATA, *TRAIN, "distill_tokens"),
     "evaluate": (*DATA, "eval_preset", "eval_limit", "layer_metric"),  # DATA holds dtype: it changes the scores

@@ -51,15 +51,11 @@ def export_student(config: CompressConfig, ctx: RunContext, teacher: dict, prune
              f"| teacher | {format_count(teacher['params'])} | `{teacher['uri']}` |",
              f"| pruned winner `{pruned.get('name')}` | {format_count(pruned['params'])} | re-pruned from teacher |",
              f"| final student | {format_count(student['params'])} | `{student['uri']}` |", "",
-             f"Validation KL to the teacher: {_fmt(pruned.get('proxy_kl'))} right after pruning, "
+             f"Validation KL to the teacher: {_fmt(pruned.get('pruned_kl'))} right after pruning, "
              f"{student['val_kl_before']:.4f} when the final distillation started, {student['val_kl']:.4f} at its end.",
              ""]
-    if pruned.get("table"):
-        lines += ["## Candidates", "", "| candidate | params | proxy KL | KL after short distillation | status |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {format_count(r['params'])} | {_fmt(r.get('proxy_kl'))} | "
-                  f"{_fmt(r.get('final_kl'))} | {r['status']} |" for r in pruned["table"]]
-        lines += ["", f"Kendall τ (proxy vs distilled ranking): {_fmt(pruned.get('kendall_tau'))}", ""]
+    if pruned.get("search_summary"):  # rounds, winner, budget, depth blocks and charts (tasks/search.py)
+        lines += [pruned["search_summary"], ""]
     if report:
         lines += ["## Evaluation", "", report["table"], ""]
     lines += [f"MLflow parent run: `{ctx.parent_run_id}` at {tracking.scrub(ctx.tracking_uri)}; "

@@ -67,17 +67,30 @@ def test_tiny_flow_end_to_end(services):
     for name in ("correct-teacher", "importance", "distill", "evaluate", "evaluate teacher", "evaluate pruned",
                  "evaluate final"):
         assert name in children, sorted(children)
+    # successive halving over 8 of the tiny space's 9 shapes: 8 → 4 → 2, a child run per candidate and round
     candidates = [r for n, r in children.items() if n.startswith("candidate ")]
-    assert len(candidates) == 2
+    assert sorted(n.rsplit(" r", 1)[1] for n in children if n.startswith("candidate ")) == \
+        ["1"] * 8 + ["2"] * 4 + ["3"] * 2
     for run in candidates:
-        assert {"shape_layers", "shape_hidden", "shape_ffn", "shape_heads", "shape_kv_heads", "params"} <= set(
-            run.data.params)
+        assert {"shape_layers", "shape_hidden", "shape_ffn", "shape_heads", "shape_kv_heads", "params",
+                "round", "tokens"} <= set(run.data.params)
         curve = metric_history(run.info.run_id, "val_kl")
         assert len(curve) >= 2 and curve[0][0] < curve[-1][0]  # a loss curve over steps, not one point
+        assert int(run.data.params["tokens"]) == 1024 * 2 ** (int(run.data.params["round"]) - 1)
     assert len(metric_history(children["distill"].info.run_id, "val_kl")) >= 2
     assert "eval/corpus_cloze/acc" in children["evaluate final"].data.metrics
     select = next(r for n, r in children.items() if n.endswith(": select"))
-    assert {"candidates.json", "pareto.png"} <= {a.path for a in client.list_artifacts(select.info.run_id)}
+    assert {"candidates.json", "pareto.png", "halving.png"} <= {a.path for a in
+                                                                client.list_artifacts(select.info.run_id)}
+    taus = metric_history(select.info.run_id, "kendall_tau")
+    assert [step for step, _ in taus] == [2, 3]  # against the previous round (round 1 has no proxy to compare)
+    search = json.loads(Path(client.download_artifacts(select.info.run_id, "candidates.json")).read_text())
+    assert search["tokens_trained"] == search["schedule"]["total"] == 24_576 <= search["schedule"]["budget"]
+    assert select.data.metrics["search_tokens_trained"] == 24_576
+    space = next(r for n, r in children.items() if n.endswith(": candidates"))
+    assert "depth_blocks.png" in {a.path for a in client.list_artifacts(space.info.run_id)}
+    (sweep,) = search["depth_blocks"]  # the mixed shapes drop one layer: the block the sweep chose
+    assert all(c["drop"] == sweep["block"] for c in search["candidates"] if c["kind"] == "mixed" and c["rounds"])
     importance = {a.path for a in client.list_artifacts(children["importance"].info.run_id, "importance")}
     assert {"importance/head_importance.png", "importance/layer_importance.png"} <= importance
     assert client.get_model_version(summary["registered_model"], summary["version"]).source == \
@@ -88,7 +101,7 @@ def test_tiny_flow_end_to_end(services):
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="runs/e2e/")
             for o in page.get("Contents", [])]
     manifests = [k for k in keys if k.endswith("/manifest.json")]
-    assert len(manifests) >= 5  # correct-teacher, importance, 2 candidates, distill
+    assert len(manifests) >= 5  # correct-teacher, importance, the last round's 2 candidates, distill
     for key in manifests:
         manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
         folder = key.rsplit("/", 1)[0]
@@ -103,6 +116,9 @@ def test_tiny_flow_end_to_end(services):
     assert {"summary", "evaluation"} <= set(artifacts)
     assert any(k.startswith("search-") for k in artifacts)
     assert "final student" in artifacts["summary"].data
+    summary = artifacts["summary"].data  # the search section: rounds, τ and the three charts inline
+    assert "## Architecture search" in summary and "| 3 | 2 |" in summary
+    assert summary.count("](data:image/png;base64,") == 3
 
     # secret hygiene: nothing we logged anywhere carries the credential
     texts = [dump_run(r.info.run_id) for r in [parent, *children.values()]]
@@ -120,7 +136,7 @@ def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):
     import minitron.search
     from flows.compress import compress
 
-    config = tiny(name="resume", evaluate=False, search_top_k=1)
+    config = tiny(name="resume", evaluate=False, search_max_candidates=2)  # one round of two
 
     def importance_runs() -> int:
         client = MlflowClient()
@@ -132,7 +148,7 @@ def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):
 
     before = importance_runs()
     with monkeypatch.context() as patch:
-        patch.setattr(minitron.search, "proxy_candidates", broken)  # the search stage, after importance
+        patch.setattr(minitron.search, "sample_rows", broken)  # the search stage, after importance
         with pytest.raises(RuntimeError, match="injected failure"):
             compress(config)
     assert importance_runs() == before + 1
@@ -154,6 +170,7 @@ def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):
     ({"target_params": "10M"}, "not smaller than its teacher"),
     ({"target_heads_per_group": 3}, "between 1 and"),
     ({"distill_tokens": 100}, "less than one optimizer step"),
+    ({"search_tokens": "10K"}, "below the smallest successive-halving schedule for 8 candidates"),
 ])
 def test_bad_input_fails_in_seconds(services, override, message):
     from flows.preflight import preflight

@@ -44,8 +44,8 @@ def test_every_stage_task_has_fields():
     from tasks.distill import distill_student
     from tasks.evaluate import evaluate_models
     from tasks.importance import score_importance
-    from tasks.search import distill_candidate, prune_to_shape, rank_candidates, select_architecture
+    from tasks.search import distill_candidate, plan_candidates, prune_to_shape, select_architecture
 
     tasks = (correct_teacher, distill_student, evaluate_models, score_importance, distill_candidate,
-             prune_to_shape, rank_candidates, select_architecture)
+             prune_to_shape, plan_candidates, select_architecture)
     assert {t.name for t in tasks} == set(STAGE_FIELDS)
