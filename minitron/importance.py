@@ -146,7 +146,7 @@ def _normalised_sq_sum(norm, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bt,btc->c", 1 / sq.mean(-1).clamp_min(1e-12), sq).double()  # no [B, T, H] quotient
 
 
-def _hidden_states(args, kwargs) -> torch.Tensor:
+def layer_input(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
@@ -170,7 +170,7 @@ def lm_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
 def skipping(model, layers) -> Iterator[None]:
     """Within the block, the decoder layers at the given indices pass their input through (a forward hook hands
     it back), as if they had been removed: what depth pruning would do, without copying a weight."""
-    handles = [model.model.layers[i].register_forward_hook(lambda m, a, kw, o: _hidden_states(a, kw),
+    handles = [model.model.layers[i].register_forward_hook(lambda m, a, kw, o: layer_input(a, kw),
                                                             with_kwargs=True) for i in layers]
     try:
         yield
@@ -231,7 +231,7 @@ def compute_importance(model, calib: torch.Tensor, *, batch_size: int = 8, seq_a
 
     def on_layer(i):
         def hook(mod, args, kwargs, out):
-            x, y = _hidden_states(args, kwargs), _layer_output(out)
+            x, y = layer_input(args, kwargs), _layer_output(out)
             bi_sum[i] += (1 - F.cosine_similarity(x.float(), y.float(), dim=-1)).sum().double()
         return hook
 

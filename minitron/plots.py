@@ -150,8 +150,8 @@ def _short(row: dict) -> str:
 def plot_halving(candidates, path, metric: str = "val_loss", winner_index: int | None = None,
                  title: str | None = None) -> Path:
     """Successive halving: tokens per candidate (log scale) against the score, one line per candidate across the
-    rounds it trained in. Candidates cut after a round end in a grey x; the last round's are coloured, the winner
-    red; failures are counted in the title."""
+    rounds it trained in. Candidates cut after a round end in a grey x; the last round's are blue, the winner red;
+    failures are counted in the title."""
     rows = _rows(candidates)
     fig, ax = plt.subplots(figsize=(8, 5))
     latest = max((len(r.get("rounds") or []) for r in rows), default=0)
@@ -161,8 +161,6 @@ def plot_halving(candidates, path, metric: str = "val_loss", winner_index: int |
         ax.axvline(b, color="0.85", lw=0.8, zorder=0)
         ax.annotate(f"{n}", (b, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
                     textcoords="offset points", fontsize=7, color="0.4")
-    cmap = plt.get_cmap("viridis")
-    finalists = [r for r in rows if r.get("rounds") and len(r["rounds"]) == latest]
     for r in rows:
         recs = r.get("rounds") or []
         if not recs:
@@ -171,13 +169,12 @@ def plot_halving(candidates, path, metric: str = "val_loss", winner_index: int |
         if r["index"] == winner_index:
             ax.plot(x, y, color="tab:red", lw=2.2, marker="o", ms=4, zorder=5, label=f"winner {r['name']}")
         elif len(recs) == latest:
-            ax.plot(x, y, color=cmap(finalists.index(r) / max(len(finalists) - 1, 1)), lw=1.4, marker="o", ms=3,
-                    zorder=4)
+            ax.plot(x, y, color="tab:blue", lw=1.4, marker="o", ms=3, zorder=4)
         else:
             ax.plot(x, y, color="0.7", lw=0.7, zorder=2)
             ax.scatter(x[-1:], y[-1:], marker="x", color="0.5", s=14, zorder=3)
     ax.plot([], [], color="0.7", lw=0.7, marker="x", label="eliminated after a round")
-    ax.plot([], [], color=cmap(0.5), lw=1.4, marker="o", ms=3, label="reached the last round")
+    ax.plot([], [], color="tab:blue", lw=1.4, marker="o", ms=3, label="reached the last round")
     if len(budgets) > 1:
         ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens per candidate in the round (numbers: candidates trained)")

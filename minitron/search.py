@@ -391,21 +391,85 @@ class BlockSweep:
         return cls(d["length"], d["metric"], list(d["starts"]), list(d["values"]), list(d["tiebreak"]), d["best"])
 
 
+class _Replay(torch.nn.Module):
+    """Stands in for a decoder layer: returns a fixed tensor (its cached output), or its input when there is none."""
+
+    def __init__(self, output: torch.Tensor | None = None):
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.output is None else self.output
+
+
 class BlockLoss:
-    """`block_score` by the validation LM loss of the model with the block skipped (lower is better)."""
+    """`block_score` by the validation LM loss of the model with the block skipped (lower is better).
+
+    When the input of every layer on the validation blocks fits in `cache_bytes`, one full pass keeps them, and each
+    position then runs only the layers after its block: the layers before it replay their cached outputs, the block
+    passes its input through. A sweep costs about half as much; the result is the same as skipping the block."""
 
     metric, higher_is_better = "loss", False
 
-    def __init__(self, blocks: torch.Tensor, batch_size: int):
+    def __init__(self, blocks: torch.Tensor, batch_size: int, cache_bytes: int = 2**30):
         if len(blocks) == 0:
             raise UserError("the corpus has no validation blocks to choose depth blocks on: raise val_fraction")
-        self.blocks, self.batch_size = blocks, batch_size
+        self.blocks, self.batch_size, self.cache_bytes = blocks, batch_size, cache_bytes
+        self._inputs: list[list[torch.Tensor]] | None = None  # per batch, the input of every layer (full model)
 
     def __call__(self, model, layers: list[int]) -> tuple[float, float]:
         from minitron.importance import lm_loss, skipping
 
+        contiguous = bool(layers) and layers == list(range(layers[0], layers[-1] + 1))
+        if contiguous and self._cached(model):
+            return self._replayed(model, layers[0], layers[-1] + 1), 0.0
         with skipping(model, layers):
             return lm_loss(model, self.blocks, self.batch_size), 0.0
+
+    def _batches(self):
+        return self.blocks.split(self.batch_size)
+
+    @torch.no_grad()
+    def _cached(self, model) -> bool:
+        from minitron.importance import layer_input
+
+        if self._inputs is not None:
+            return True
+        p = next(model.parameters())
+        decoder = model.model.layers
+        if len(decoder) * self.blocks.numel() * model.config.hidden_size * p.element_size() > self.cache_bytes:
+            return False
+        self._inputs = []
+        for ids in self._batches():
+            seen: list[torch.Tensor] = []
+            hooks = [layer.register_forward_pre_hook(lambda m, a, kw: seen.append(layer_input(a, kw).clone()),
+                                                     with_kwargs=True) for layer in decoder]
+            try:
+                model.model(input_ids=ids.to(p.device), use_cache=False)
+            finally:
+                for h in hooks:
+                    h.remove()
+            self._inputs.append(seen)
+        return True
+
+    @torch.no_grad()
+    def _replayed(self, model, start: int, end: int) -> float:
+        from minitron.importance import lm_loss
+
+        decoder = model.model.layers
+        original = list(decoder)
+        total = 0.0
+        try:
+            for ids, inputs in zip(self._batches(), self._inputs, strict=True):
+                for j in range(start):  # layer j's output is layer j + 1's input
+                    decoder[j] = _Replay(inputs[j + 1])
+                for j in range(start, end):
+                    decoder[j] = _Replay()
+                total += lm_loss(model, ids, len(ids)) * len(ids)
+        finally:
+            for j, layer in enumerate(original):
+                decoder[j] = layer
+        return total / len(self.blocks)
 
 
 class BlockCloze:

@@ -52,6 +52,7 @@ def test_tiny_flow_end_to_end(services):
     from prefect.client.orchestration import get_client
 
     from flows.compress import compress
+    from flows.run import for_terminal
     from tasks.tracking import dump_run, metric_history
 
     summary = compress(tiny(name="e2e", eval_limit=10))
@@ -116,9 +117,10 @@ def test_tiny_flow_end_to_end(services):
     assert {"summary", "evaluation"} <= set(artifacts)
     assert any(k.startswith("search-") for k in artifacts)
     assert "final student" in artifacts["summary"].data
-    summary = artifacts["summary"].data  # the search section: rounds, τ and the three charts inline
-    assert "## Architecture search" in summary and "| 3 | 2 |" in summary
-    assert summary.count("](data:image/png;base64,") == 3
+    text = artifacts["summary"].data  # the search section: rounds, τ and the three charts inline
+    assert "## Architecture search" in text and "| 3 | 2 |" in text and text.count("](data:image/png;base64,") == 3
+    # what `minitron run` prints: the chart names, not kilobytes of base64
+    assert "data:image" not in for_terminal(text) and "[chart: halving, in the Prefect summary]" in for_terminal(text)
 
     # secret hygiene: nothing we logged anywhere carries the credential
     texts = [dump_run(r.info.run_id) for r in [parent, *children.values()]]
@@ -128,6 +130,35 @@ def test_tiny_flow_end_to_end(services):
             if artifact.path.endswith((".json", ".md")):
                 texts.append(Path(client.download_artifacts(run.info.run_id, artifact.path)).read_text())
     assert texts and not [t for t in texts if SECRET in t]
+
+
+def test_failed_candidate_is_recorded_and_the_search_goes_on(services, monkeypatch):
+    """One candidate's task fails in round 1 (its pruning raises): its MLflow run ends FAILED, candidates.json and
+    the summary record it, the round ranks the others and the flow finishes."""
+    from mlflow import MlflowClient
+
+    import minitron.prune
+    from flows.compress import compress
+
+    prune = minitron.prune.prune
+
+    def flaky(model, scores, shape, **kwargs):
+        if (shape.layers, shape.hidden, shape.ffn) == (4, 48, 80):  # c000, the first shape of the tiny space
+            raise RuntimeError("injected: out of memory")
+        return prune(model, scores, shape, **kwargs)
+
+    monkeypatch.setattr(minitron.prune, "prune", flaky)
+    summary = compress(tiny(name="flaky", evaluate=False, correct_teacher=False, search_max_candidates=4))
+    children = children_of(summary["parent_run_id"])
+    failed = [r for n, r in children.items() if n.startswith("candidate c000-")]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert sum(n.startswith("candidate ") and n.endswith(" r1") for n in children) == 4
+    select = next(r for n, r in children.items() if n.endswith(": select"))
+    search = json.loads(Path(MlflowClient().download_artifacts(select.info.run_id, "candidates.json")).read_text())
+    row = next(c for c in search["candidates"] if c["index"] == 0)
+    assert (row["status"], row["failed_round"]) == ("failed", 1) and "injected: out of memory" in row["error"]
+    assert [(r["trained"], r["failed"]) for r in search["rounds"]] == [(3, 1), (2, 0)]
+    assert search["winner"]["index"] != 0 and "failed: round 1:" in summary["summary"]
 
 
 def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):

@@ -314,7 +314,7 @@ def planted():
 def test_halving_finds_the_planted_shape_and_the_sweep_its_block(planted):
     from minitron.archmath import SearchSpace, Shape, count_shape
     from minitron.importance import lm_loss
-    from minitron.search import BlockLoss, ShortDistill
+    from minitron.search import BlockLoss, ShortDistill, sweep_blocks
 
     teacher, data, scores = planted
     answer = Shape(3, 64, 96, 4, 2, 16)
@@ -333,6 +333,10 @@ def test_halving_finds_the_planted_shape_and_the_sweep_its_block(planted):
     assert sweep.length == 1 and sweep.block == (2, 2) and sweep.values[2] == pytest.approx(base, abs=1e-6)
     assert min(v for s, v in zip(sweep.starts, sweep.values, strict=True) if s != 2) > base + 0.05
     assert base == pytest.approx(lm_loss(teacher, data.val[:16], 4))
+    hooks_only = BlockLoss(data.val[:16], 4, cache_bytes=0)  # no cached layer inputs: every layer runs again
+    assert sweep.values == pytest.approx([hooks_only(teacher, [s])[0] for s in sweep.starts], abs=1e-5)
+    pairs = sweep_blocks(teacher, 2, BlockLoss(data.val[:16], 4))
+    assert pairs.values == pytest.approx([hooks_only(teacher, [s, s + 1])[0] for s in (0, 1, 2)], abs=1e-5)
     # successive halving keeps the lossless shape through every round and picks it
     winner = result.winner
     assert (winner.shape, winner.drop, winner.status) == (answer, (2, 2), "winner")
