@@ -442,7 +442,8 @@ class BlockLoss:
         self._inputs = []
         for ids in self._batches():
             seen: list[torch.Tensor] = []
-            hooks = [layer.register_forward_pre_hook(lambda m, a, kw: seen.append(layer_input(a, kw).clone()),
+            keep = seen.append
+            hooks = [layer.register_forward_pre_hook(lambda m, a, kw, keep=keep: keep(layer_input(a, kw).clone()),
                                                      with_kwargs=True) for layer in decoder]
             try:
                 model.model(input_ids=ids.to(p.device), use_cache=False)
