@@ -258,10 +258,10 @@ def test_iterative_search_prunes_from_the_previous_pick():
 def test_dry_run_prints_the_search_budget(capsys):
     assert main(["run", "--config", str(CONFIGS / "demo-cpu.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    # 6 candidates: 2 steps of 8 x 128 tokens each, then 3 x 4 steps, then 2 x 8 steps = 40 steps of the 41K setting
-    assert ("6 → 3 → 2 candidates, 2.05K → 4.10K → 8.19K tokens each: 40,960 tokens of the search's 41,000-token "
-            "budget (search_tokens = 41K") in out
-    assert "depth blocks: 30 window positions" in out
+    # 4 candidates x 1 step of 8 x 128 tokens, then 2 x 2 steps: 8 steps = 8,192 tokens of the 9K setting
+    assert ("4 → 2 candidates, 1.02K → 2.05K tokens each: 8,192 tokens of the search's 9,000-token budget "
+            "(search_tokens = 9K") in out
+    assert "an even sample of 4 of the 6 shapes" in out and "depth blocks: 30 window positions" in out
     assert main(["run", "--config", str(CONFIGS / "demo-cpu.yaml"), "--dry-run", "--json"]) == 0
     search = next(s for s in json.loads(capsys.readouterr().out)["stages"] if s["name"].endswith("search"))
-    assert search["tokens"] == 40_960 + 30 * 8 * 128  # training, plus the forward passes of the depth-block sweep
+    assert search["tokens"] == 8_192 + 30 * 8 * 128  # training, plus the forward passes of the depth-block sweep
