@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flows.environment import store_uri, tracking_uri
-from minitron.config import CompressConfig, format_count
+from minitron.config import CompressConfig, format_count, make_config
 from minitron.errors import UserError
 
 
@@ -27,6 +27,17 @@ class Plan:
     teacher_ref: dict  # {"uri": spec, "params": n}: the teacher as given (not in the store)
     teacher_params: int
     steps: tuple[Step, ...]
+
+
+def run_config(config: CompressConfig | dict) -> CompressConfig:
+    """The flow's `config` parameter as a validated config. Prefect's own parameter validation is off for the flow:
+    a value the server's schema check did not stop (the form's "Validate parameters" unticked, an API client) fails
+    here, with one line that names the field and its accepted forms."""
+    if isinstance(config, CompressConfig):
+        return config
+    if not isinstance(config, dict):
+        raise UserError(f"the flow parameter 'config' must be a mapping of config fields, not {type(config).__name__}")
+    return make_config(config)
 
 
 def preflight(config: CompressConfig) -> Plan:
@@ -72,5 +83,9 @@ def preflight(config: CompressConfig) -> Plan:
         if config.tokens(field) < tokens_per_step:
             raise UserError(f"{field} = {getattr(config, field)} is less than one optimizer step "
                             f"({tokens_per_step} tokens = batch_size x grad_accum x seq_len)")
+    if config.backend == "ray":  # last: joining a cluster takes seconds; it must answer, take our token and fit
+        from tasks.ray_cluster import check_cluster
+
+        check_cluster(config, {"each training stage": config.nproc})
     return Plan(teacher_ref={"uri": config.teacher, "params": teacher_params}, teacher_params=teacher_params,
                 steps=tuple(steps))

@@ -9,31 +9,63 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from minitron.errors import UserError
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+# A count: a number with an optional K/M/B/T suffix. The same regex is the form's and the server's pattern (a JSON
+# schema `pattern`, which the server quotes when it refuses a value: kept short, in syntax every regex engine reads).
+_NUMBER = r"[0-9]*\.?[0-9]+"
+COUNT_PATTERN = rf"^ *{_NUMBER} *[KMBGTkmbgt]? *$"
+TARGET_PATTERN = rf"^( *{_NUMBER} *[KMBGTkmbgt%]? *)(,( *{_NUMBER} *[KMBGTkmbgt%]? *))*$"  # 70M, 55%, 8B,4B
+COUNT_FORMS = "a count with an optional K/M/B suffix (70M, 4.5B, 2048)"
+TARGET_FORMS = ("a parameter count (70M, 4.5B), a percentage of the teacher (55%) or a comma list for iterative "
+                "pruning (8B,4B)")
 
 
 def parse_count(value: str | int | float) -> int:
     """'70M' → 70_000_000, '4.5B' → 4_500_000_000, '2048' → 2048 (parameters or tokens)."""
     if isinstance(value, int | float):
         return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgGtT]?)\s*", str(value))
+    match = re.fullmatch(rf"({_NUMBER}) *([KMBGTkmbgt]?)", str(value).strip())
     if not match:
         raise UserError(f"cannot read '{value}' as a count: use a number with an optional K/M/B suffix, e.g. 70M")
     return int(round(float(match.group(1)) * _SUFFIX[match.group(2).upper()]))
 
 
-def _valid_count(value) -> int:
-    try:
-        return parse_count(value)
-    except UserError as err:  # pydantic turns ValueError into an error that names the field
-        raise ValueError(str(err)) from None
+def _as_count(value):
+    """A count field's value as text (YAML may give 2000000 or 4.5e9); a ValueError names the accepted forms (pydantic
+    turns it into an error that names the field)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not re.fullmatch(COUNT_PATTERN, value):
+        raise ValueError(f"use {COUNT_FORMS}")
+    return value
+
+
+def _as_target(value):
+    """target_params as text: counts or percentages (strictly between 0 and 100), comma separated."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not re.fullmatch(TARGET_PATTERN, value):
+        raise ValueError(f"use {TARGET_FORMS}")
+    for part in value.split(","):
+        if part.strip().endswith("%") and not 0 < float(part.strip()[:-1]) < 100:
+            raise ValueError("a percentage target must be between 0 and 100")
+    return value
 
 
 def format_count(n: int) -> str:
@@ -43,16 +75,43 @@ def format_count(n: int) -> str:
     return str(n)
 
 
-Count = str  # a count with an optional K/M/B suffix; validated by parse_count
+# A count with an optional K/M/B suffix (validated by parse_count); its pattern makes the Prefect server refuse
+# "banana" before a run exists. Target: one or more counts or percentages of the teacher.
+Count = Annotated[str, StringConstraints(pattern=COUNT_PATTERN), BeforeValidator(_as_count)]
+Target = Annotated[str, StringConstraints(pattern=TARGET_PATTERN), BeforeValidator(_as_target)]
 
 # One step of `target_shapes`: dash-separated parts in any order, each a letter code and a number (L32-H3072-A24-KV8).
 SHAPE_SPEC = re.compile(r"(?:(?:L|H|F|A|KV)\d+)(?:-(?:L|H|F|A|KV)\d+)*")
+# A Ray head as ray.init() takes it: host:port of the GCS (10.0.0.5:6379, ray-head:6379) or a Ray Client URL.
+RAY_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9._-]+:\d{1,5}$")
+
+
+# The Prefect form lists the fields in pipeline order under short group headings ("3 search · target_params").
+# A group opens at the field named here and runs, in declaration order, to the next opening field: a field added to
+# a section joins that section's group. FORM_REQUIRED: what a run cannot go without (the form marks the rest
+# "(Optional)": left out, they take their defaults).
+FORM_GROUPS = {"run": ("name",), "data": ("data",), "1 correct": ("correct_teacher",),
+               "2 importance": ("calib_samples",), "3 search": ("target_params", "memory_cap_gib"),
+               "4 distill": ("distill_tokens",), "training": ("batch_size",), "5 evaluate": ("evaluate",),
+               "runtime": ("seed",), "results": ("tracking_uri",)}
+FORM_REQUIRED = ("name", "teacher", "data", "target_params")
+
+
+def _form_schema(schema: dict) -> None:
+    """JSON schema of CompressConfig as the Prefect UI renders it: group titles, pipeline order, required fields."""
+    opens = {field: i for i, fields in enumerate(FORM_GROUPS.values()) for field in fields}
+    headings, group = list(FORM_GROUPS), 0
+    for declared, (name, prop) in enumerate(schema["properties"].items()):
+        group = opens.get(name, group)
+        prop["title"] = f"{headings[group]} · {name}"
+        prop["position"] = 1000 * group + declared  # the UI sorts fields by `position`
+    schema["required"] = [name for name in schema["properties"] if name in FORM_REQUIRED]
 
 
 class CompressConfig(BaseModel):
     """A compression run: teacher → (correct) → importance → search → distill → evaluate → export."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=_form_schema)
 
     # --- what to compress --------------------------------------------------------------------------------------
     name: str = Field("minitron", description="Run name: prefixes the flow-run name, the MLflow experiment and "
@@ -74,6 +133,9 @@ class CompressConfig(BaseModel):
                                 "(document-level, deterministic).")
     max_corpus_tokens: Count | None = Field(None, description="Read at most this many corpus tokens (e.g. 20M); "
                                             "empty reads all.")
+    token_store: str | None = Field(None, description="Where tokenised corpora are kept, one store per corpus and "
+                                    "tokenizer, shared by every stage and later runs: a folder or "
+                                    "s3://bucket/prefix (for several nodes); empty = the cache folder.")
     seq_len: int = Field(1024, ge=16, le=131072, description="Tokens per training/validation sequence.")
 
     # --- importance (stage 2) ----------------------------------------------------------------------------------
@@ -86,7 +148,7 @@ class CompressConfig(BaseModel):
                                                 "increase when the layer is skipped, or Block Influence (bi).")
 
     # --- target (stage 3) --------------------------------------------------------------------------------------
-    target_params: Count = Field("55%", description="Student size: parameters (70M, 4.5B), a percentage of the "
+    target_params: Target = Field("55%", description="Student size: parameters (70M, 4.5B), a percentage of the "
                                  "teacher (55%), or a comma list for iterative pruning (8B,4B).")
     tolerance: float = Field(0.05, gt=0, lt=1, description="Relative tolerance around each target parameter count.")
     axes: Literal["all", "width", "depth"] = Field("all", description="Which shapes the search may use: mixed, "
@@ -106,9 +168,8 @@ class CompressConfig(BaseModel):
     # --- stage switches and budgets (tokens) ---------------------------------------------------------------------
     correct_teacher: bool = Field(True, description="Stage 1: fine-tune the teacher on the corpus first.")
     correction_tokens: Count = Field("1M", description="Teacher-correction budget in tokens.")
-    memory_cap_gib: float | None = Field(None, gt=0, description="Only shapes whose bf16 weights plus the KV cache "
-                                         "of one seq_len sequence fit in this many GiB (inference memory); empty = "
-                                         "no cap.")
+    memory_cap_gib: float = Field(0.0, ge=0, description="Only shapes whose bf16 weights plus the KV cache of one "
+                                  "seq_len sequence fit in this many GiB (inference memory); 0 = no cap.")
     search_max_candidates: int = Field(32, ge=1, description="Candidates in the first round of successive "
                                        "halving: the whole space when it is smaller, else an even sample of it (or "
                                        "the best by the zero-shot proxy when search_proxy is on).")
@@ -136,7 +197,7 @@ class CompressConfig(BaseModel):
     evaluate: bool = Field(True, description="Stage 5: benchmark teacher, pruned and final student with lm-eval.")
     eval_preset: Literal["quick", "paper", "offline"] = Field("offline", description="lm-eval task preset: "
                                                               "offline (corpus perplexity + cloze), quick, paper.")
-    eval_limit: int | None = Field(200, ge=1, description="Examples per eval task (empty = all).")
+    eval_limit: int = Field(200, ge=0, description="Examples per eval task (0 = all).")
 
     # --- optimisation (shared by correction and distillation) -----------------------------------------------------
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
@@ -165,38 +226,36 @@ class CompressConfig(BaseModel):
                                            "far less activation memory for ~1/3 more student compute (8B-class "
                                            "students at long sequences need it).")
     nproc: int = Field(1, ge=1, description="GPUs per distillation: >1 runs it under torchrun.")
+    backend: Literal["local", "ray"] = Field("local", description="Where training stages and mapped work run: "
+                                             "local (this machine: in-process or torchrun) or ray (a Ray "
+                                             "cluster: Ray Train jobs across nodes, Ray tasks for candidates and "
+                                             "evaluations).")
+    ray_address: str | None = Field(None, pattern=RAY_ADDRESS.pattern, description="backend ray: the cluster's "
+                                    "head, host:port (GCS) or ray://host:port; empty = $RAY_ADDRESS (`minitron "
+                                    "stack up --ray` prints it), else start or join a local cluster. The token "
+                                    "comes from RAY_AUTH_TOKEN.")
     queue_timeout_min: int = Field(720, ge=1, description="Minutes a stage waits for this machine's GPU (or CPU) "
                                    "while another run holds it, before failing.")
-    stage_timeout_hours: float | None = Field(None, gt=0, description="A stage running longer than this is "
-                                              "stopped (its last checkpoint stays); empty = no limit.")
+    stage_timeout_hours: float = Field(0.0, ge=0, description="A stage running longer than this is stopped (its "
+                                       "last checkpoint stays); 0 = no limit.")
     resume: bool = Field(True, description="Reuse stages a previous run of the same config finished (off: "
                          "recompute every stage).")
 
     # --- where results go ---------------------------------------------------------------------------------------
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; empty = local SQLite under "
-                                     ".minitron/ (or MLFLOW_TRACKING_URI).")
-    checkpoint_store: str | None = Field(None, description="Checkpoint store: s3://bucket/prefix or a folder; "
-                                         "empty = .minitron/checkpoints (or MINITRON_CHECKPOINT_STORE).")
+    tracking_uri: str = Field("", description="MLflow tracking URI; empty = MLFLOW_TRACKING_URI, else local SQLite "
+                              "under .minitron/.")
+    checkpoint_store: str = Field("", description="Checkpoint store: s3://bucket/prefix or a folder; empty = "
+                                  "MINITRON_CHECKPOINT_STORE, else .minitron/checkpoints.")
 
-    @field_validator("correction_tokens", "search_tokens", "distill_tokens", "max_corpus_tokens", mode="before")
+    @field_validator("memory_cap_gib", "eval_limit", "stage_timeout_hours", "tracking_uri", "checkpoint_store",
+                     mode="before")
     @classmethod
-    def _count(cls, v):
+    def _null_is_none(cls, v, info):
+        """Older presets and `--set key=` say null for "none" (no cap, all examples, the environment's store): these
+        fields say it with a concrete 0 or "" now, which the form shows as a plain value, not a None switch."""
         if v is not None:
-            _valid_count(v)
-        return v if v is None else str(v)
-
-    @field_validator("target_params", mode="before")
-    @classmethod
-    def _targets(cls, v):
-        for part in str(v).split(","):
-            part = part.strip()
-            if part.endswith("%"):
-                pct = float(part[:-1])
-                if not 0 < pct < 100:
-                    raise ValueError("a percentage target must be between 0 and 100")
-            else:
-                _valid_count(part)
-        return str(v)
+            return v
+        return "" if cls.model_fields[info.field_name].annotation is str else 0
 
     @field_validator("drop_layers")
     @classmethod
@@ -213,6 +272,14 @@ class CompressConfig(BaseModel):
                 if not SHAPE_SPEC.fullmatch(step.strip()):
                     raise ValueError(f"cannot read shape '{step.strip()}': use dash-separated parts L<layers>, "
                                      "H<hidden>, F<ffn>, A<query heads>, KV<kv groups>, e.g. L32-H3072-F9216-A24-KV8")
+        return v
+
+    @field_validator("ray_address", mode="before")
+    @classmethod
+    def _ray_address(cls, v):
+        if v is not None and not RAY_ADDRESS.fullmatch(str(v)):
+            raise ValueError(f"'{v}' is not a Ray head address: use host:port of its GCS (10.0.0.5:6379) or "
+                             "ray://host:port, or leave it empty")
         return v
 
     @model_validator(mode="after")
@@ -246,10 +313,13 @@ def _coerce(raw: str):
 
 def _first_error(err: ValidationError) -> str:
     e = err.errors()[0]
-    key = ".".join(str(x) for x in e["loc"]) or "config"
+    # the field, not the union branch pydantic tried ("max_corpus_tokens.function-before[...]")
+    key = ".".join(str(x) for x in e["loc"] if isinstance(x, int) or "[" not in x) or "config"
     if e["type"] == "extra_forbidden":
         return f"unknown config key '{key}' (see `minitron run --help-config` for the keys)"
-    return f"bad value for '{key}': {e['msg']}"
+    message = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]  # ours, without "Value error, "
+    shown = repr(e["input"]) if isinstance(e.get("input"), str | int | float) else None
+    return f"bad value for '{key}'" + (f" ({shown})" if shown else "") + f": {message}"
 
 
 def make_config(values: dict) -> CompressConfig:

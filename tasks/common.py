@@ -120,34 +120,51 @@ def fetch(ctx: RunContext, uri: str) -> Path:
 
 
 class Stage:
-    """Handle yielded by `stage(...)`: the MLflow child run plus progress reporting and checkpoint publishing."""
+    """Handle yielded by `stage(...)`: the MLflow child run plus progress reporting and checkpoint publishing.
 
-    def __init__(self, ctx: RunContext, name: str, run: tracking.Run, total_tokens: int | None):
+    In a task run, the Prefect run page gets a link to the child run's MLflow page and, for a compute stage, a
+    progress artifact: tokens processed for training stages (`total_tokens`), `progress(...)` for the others, and
+    100% when the stage's block ends without an error."""
+
+    def __init__(self, ctx: RunContext, name: str, run: tracking.Run, total_tokens: int | None,
+                 progress: bool = True):
         self.ctx, self.name, self.run = ctx, name, run
         self.work = Path(ctx.work_dir) / slug(name)
         self.work.mkdir(parents=True, exist_ok=True)
         self.total_tokens = total_tokens
         self._last = 0.0
         self._progress_id = None
-        if total_tokens and TaskRunContext.get() is not None:
-            from prefect.artifacts import create_progress_artifact
+        if TaskRunContext.get() is not None:
+            from prefect.artifacts import create_link_artifact, create_progress_artifact
 
-            self._progress_id = create_progress_artifact(0.0, description=f"{name}: tokens processed")
+            if url := run.url(ctx.tracking_uri):
+                create_link_artifact(url, link_text=f"MLflow: {name}", description=f"the MLflow run of {name}")
+            if progress:
+                what = "tokens processed" if total_tokens else "done"
+                self._progress_id = create_progress_artifact(0.0, description=f"{name}: {what}")
+
+    def progress(self, percent: float, description: str | None = None) -> None:
+        """Move the stage's progress artifact (0-100)."""
+        if self._progress_id:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self._progress_id, min(100.0, percent), description=description)
 
     def on_metrics(self, record: dict) -> None:
         """Callback for the minitron loops: every record to MLflow (few stable keys), throttled to Prefect."""
+        from minitron.report import sig
+
         self.run.log_progress(record)
         now = time.monotonic()
         if now - self._last < PROGRESS_EVERY_S and "val_kl" not in record and "val_ce" not in record:
             return
         self._last = now
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()
-                 if k in ("step", "tokens", "loss", "val_kl", "val_ce", "lr", "tokens_per_s") and v is not None}
+        formats = {"step": str, "tokens": str, "loss": sig, "val_kl": sig, "val_ce": sig, "lr": "{:.3g}".format,
+                   "tokens_per_s": lambda v: str(round(v))}  # 3 significant digits: KLs near 1e-4 stay readable
+        shown = {k: formats[k](v) for k, v in record.items() if k in formats and v is not None}
         get_run_logger().info("%s %s", self.name, " ".join(f"{k}={v}" for k, v in shown.items()))
-        if self._progress_id and self.total_tokens and "tokens" in record:
-            from prefect.artifacts import update_progress_artifact
-
-            update_progress_artifact(self._progress_id, min(100.0, 100.0 * record["tokens"] / self.total_tokens))
+        if self.total_tokens and "tokens" in record:
+            self.progress(100.0 * record["tokens"] / self.total_tokens)
 
     def publish(self, folder: Path, key: str | None = None) -> str:
         """Upload a finished folder to `<run_key>/<stage>` (manifest last) and tag the child run with its URI."""
@@ -163,11 +180,13 @@ def stage(ctx: RunContext, name: str, params: dict | None = None, *, total_token
     from prefect.concurrency.sync import concurrency
 
     with tracking.child_run(ctx.parent_run_id, name, params, tracking_uri=ctx.tracking_uri) as run:
+        s = Stage(ctx, name, run, total_tokens, progress=compute)
         if not compute:
-            yield Stage(ctx, name, run, total_tokens)
+            yield s
             return
         with concurrency(ctx.slot, occupy=1, timeout_seconds=ctx.slot_timeout_s, strict=True):
-            yield Stage(ctx, name, run, total_tokens)
+            yield s
+        s.progress(100.0)  # the last record of a loop rarely lands on the budget exactly
 
 
 def stage_params(config: CompressConfig, *fields: str) -> dict:
@@ -179,15 +198,17 @@ def scratch_root() -> Path:
     return Path(os.environ.get("MINITRON_WORK", Path(".minitron") / "work")).resolve()
 
 
-def load_run_data(config: CompressConfig, tokenizer, seq_len: int | None = None):
-    """The run's corpus as packed blocks (cached on disk, so every stage after the first reads it in ms)."""
+def load_run_data(config: CompressConfig, tokenizer, seq_len: int | None = None, progress=None):
+    """The run's corpus as blocks read from its token store (built once by the tokenize stage, or here on first
+    use; `progress` receives the build's records)."""
     from minitron.config import parse_count
     from minitron.data import load_token_data
 
     return load_token_data(
         config.data, tokenizer, seq_len or config.seq_len, val_fraction=config.val_fraction, seed=config.seed,
         hf_config=config.data_config, hf_split=config.data_split, text_field=config.text_field,
-        max_tokens=parse_count(config.max_corpus_tokens) if config.max_corpus_tokens else None)
+        max_tokens=parse_count(config.max_corpus_tokens) if config.max_corpus_tokens else None,
+        store=config.token_store, progress=progress)
 
 
 def model_spec(ctx: RunContext, ref: dict) -> str:
@@ -204,8 +225,27 @@ def load_run_model(config: CompressConfig, ref: dict, ctx: RunContext):
                       trust_remote_code=config.trust_remote_code)
 
 
+def task_run_label(stage_name: str, parameters: dict) -> str:
+    """A stage's task-run name in the Prefect UI: the stage, and the candidate's shape or the target it works on
+    and round ("distill-candidate L24-H576-F1536-A9-KV3 r2", "search-candidates 72.60M")."""
+    from minitron.config import format_count
+    from minitron.report import shape_label
+
+    if isinstance(parameters.get("row"), dict):
+        label = f"{stage_name} {shape_label(parameters['row']['shape'], parameters['row'].get('drop'))}"
+        return label + (f" r{parameters['number']}" if isinstance(parameters.get("number"), int) else "")
+    if isinstance(parameters.get("shape"), dict):
+        return f"{stage_name} {shape_label(parameters['shape'], parameters.get('drop'))}"
+    if isinstance(parameters.get("target"), int):
+        return f"{stage_name} {format_count(parameters['target'])}"
+    return stage_name
+
+
 def stage_task(name: str, **options):
     """@task with the stage defaults: persisted, cached by `stage_cache_key`, named for the UI."""
     from prefect import task
 
-    return task(name=name, cache_key_fn=stage_cache_key, persist_result=True, **options)
+    def run_name(parameters: dict) -> str:
+        return task_run_label(name, parameters)
+
+    return task(name=name, cache_key_fn=stage_cache_key, persist_result=True, task_run_name=run_name, **options)

@@ -47,14 +47,16 @@ def _pruned_folder(config: CompressConfig, ctx: RunContext, pruned: dict, out: P
 def evaluate_models(config: CompressConfig, ctx: RunContext, teacher: dict, pruned: dict, student: dict) -> dict:
     from prefect.artifacts import create_table_artifact
 
-    from minitron.evaluate import comparison_table, flatten_metrics, format_table
+    from minitron.evaluate import comparison_table, flatten_metrics
+    from minitron.report import evaluation_tables, markdown_table
 
     params = stage_params(config, "eval_preset", "eval_limit", "data")
     results: dict[str, dict] = {}
     with stage(ctx, "evaluate", params) as s:
         models = {"teacher": model_spec(ctx, teacher), "pruned": _pruned_folder(config, ctx, pruned, s.work / "pruned"),
                   "final": model_spec(ctx, student)}
-        for name, path in models.items():
+        for i, (name, path) in enumerate(models.items()):
+            s.progress(100.0 * i / len(models), f"evaluate: {name} model ({i + 1} of {len(models)})")
             out = s.work / f"{name}.json"
             if not out.is_file():  # finished evaluations survive a retry of the stage
                 args = ["evaluate", path, "--preset", config.eval_preset, "--data", config.data, "--val-fraction",
@@ -69,10 +71,13 @@ def evaluate_models(config: CompressConfig, ctx: RunContext, teacher: dict, prun
                 run.log_metrics(flatten_metrics(results[name]))
                 run.log_artifact(out, None)
         rows = comparison_table(results, teacher="teacher")
-        table = format_table(rows)
+        absolute, relative = evaluation_tables(rows, list(models), teacher="teacher")
+        table = f"{markdown_table(absolute)}\n\n{markdown_table(relative)}"
         s.run.log_text(table, "comparison.md")
         s.run.log_dict(results, "results.json")
-        create_table_artifact(rows, key="evaluation", description="teacher vs pruned (before distillation) vs "
-                              "final student: absolute values and % of the teacher")
+        create_table_artifact(absolute, key="evaluation", description="teacher vs pruned (before distillation) vs "
+                              "final student")
+        create_table_artifact(relative, key="evaluation-vs-teacher", description="pruned and final student as % "
+                              "of the teacher (for ↓ metrics, above 100 is worse)")
     get_run_logger().info("evaluation:\n%s", table)
     return {"results": results, "table": table}

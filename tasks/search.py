@@ -52,7 +52,7 @@ def _block_score(config: CompressConfig, model, tokenizer, data):
         return search.BlockLoss(data.val[: config.val_batches * config.batch_size], config.batch_size)
     items = search.cloze_items(EvalDataConfig(data=config.data, val_fraction=config.val_fraction, seed=config.seed,
                                               hf_config=config.data_config, hf_split=config.data_split,
-                                              text_field=config.text_field), config.eval_limit)
+                                              text_field=config.text_field), config.eval_limit or None)
     return search.BlockCloze(items, tokenizer)
 
 
@@ -186,6 +186,7 @@ def select_architecture(config: CompressConfig, ctx: RunContext, target: int, ro
     from prefect.artifacts import create_table_artifact
 
     from minitron import plots
+    from minitron.report import candidate_table, kendall_line, shape_label
     from minitron.search import BlockSweep, CandidateRow, HalvingSchedule, SearchResult, finish
 
     table = [CandidateRow.from_dict(r) for r in rows]
@@ -213,12 +214,10 @@ def select_architecture(config: CompressConfig, ctx: RunContext, target: int, ro
             charts["depth blocks"] = plots.plot_depth_blocks(result.sweeps, s.work / "depth_blocks.png")
         for path in charts.values():
             s.run.log_artifact(path)
-        create_table_artifact(
-            [{"candidate": r.name, "kind": r.kind, "params": r.params, "rounds": len(r.rounds),
-              metric: _round(r.score(metric)), "status": r.status} for r in table if r.rounds or r.error],
-            key=f"search-{target}", description=f"Candidates for {format_count(target)}: winner {winner.name}. "
-            f"Kendall tau per round (ranking vs the previous round): "
-            + ", ".join(_fmt(r["kendall_tau"], ".2f") for r in rounds))
+        create_table_artifact(candidate_table([r.to_dict() for r in table], winner.index, metric),
+                              key=f"search-{target}", description=f"Candidates for {format_count(target)}, the "
+                              f"longest-trained first: winner {shape_label(winner.to_dict()['shape'], winner.drop)}. "
+                              f"{kendall_line(rounds)}")
     tau = rounds[-1]["kendall_tau"] if rounds else None
     get_run_logger().info("search %s: winner %s (%s %.4f after %d rounds), %s tokens trained of %s",
                           format_count(target), winner.name, metric, winner.score(metric), len(winner.rounds),
@@ -228,10 +227,6 @@ def select_architecture(config: CompressConfig, ctx: RunContext, target: int, ro
             "drop": list(winner.drop) if winner.drop else None, "name": winner.name,
             "pruned_kl": first[2] if first else None, "kendall_tau": tau, "table": [r.to_dict() for r in table],
             "search_summary": summary_section(result, charts)}
-
-
-def _round(x):
-    return None if x is None else round(x, 4)
 
 
 def _fmt(x, spec: str) -> str:
@@ -247,31 +242,26 @@ def _image(path: Path, alt: str) -> str:
 
 
 def summary_section(result, charts: dict[str, Path]) -> str:
-    """The search's part of the run summary (tasks/export.py places it): rounds, winner, budget, depth blocks and
-    the three charts."""
-    metric = result.metric
+    """The search's part of the run summary (tasks/export.py places it): rounds, candidates, budget, depth blocks
+    and the three charts."""
+    from minitron.report import candidate_table, kendall_line, markdown_table, shape_label, sig
+
+    metric, w = result.metric, result.winner
+    rounds = [{"round": r["round"], "candidates": r["trained"], "tokens each": format_count(r["tokens_per_candidate"]),
+               "failed": r["failed"], "kept": r["kept"], f"best {metric}": sig(r["best_score"]),
+               "Kendall τ": "-" if r["kendall_tau"] is None else f"{r['kendall_tau']:+.2f} vs {r['tau_against']}"}
+              for r in result.rounds]
+    table = candidate_table([r.to_dict() for r in result.table], w.index, metric)
     lines = [f"## Architecture search ({format_count(result.target_params)})", "",
              f"{len(result.table)} shapes in the space; round 1 took {result.selection}. "
-             f"{result.schedule.describe()}; {format_count(result.tokens_trained)} trained "
-             f"({result.tokens_trained:,} tokens). Ranked by {metric}.", "",
-             "| round | candidates | tokens each | failed | kept | best | Kendall τ |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['round']} | {r['trained']} | {format_count(r['tokens_per_candidate'])} | {r['failed']} | "
-              f"{r['kept']} | {r['best'] or '-'} ({_fmt(r['best_score'], '.4f')}) | "
-              f"{_fmt(r['kendall_tau'], '.2f')} (vs {r['tau_against']}) |" for r in result.rounds]
-    w = result.winner
-    lines += ["", f"Winner `{w.name}`: {w.params:,} parameters, {metric} {w.score(metric):.4f} after "
-              f"{len(w.rounds)} rounds. Kendall τ compares each round's ranking of its candidates with the "
-              "previous round's: near 1, the order had settled; low, retraining still reordered it.", ""]
-    ranked = sorted((r for r in result.table if r.rounds), key=lambda r: (-len(r.rounds), r.score(metric), r.index))
-    lines += ["| candidate | kind | parameters | rounds | " + metric + " | status |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.kind} | {format_count(r.params)} | {len(r.rounds)} | {r.score(metric):.4f} | "
-              f"{r.status} |" for r in ranked[:SUMMARY_ROWS]]
-    failed = [r for r in result.table if r.status == "failed"]
-    lines += [f"| {r.name} | {r.kind} | {format_count(r.params)} | {len(r.rounds)} | - | failed: {r.error[:80]} |"
-              for r in failed]
-    if len(ranked) > SUMMARY_ROWS:
-        lines.append(f"\n{len(ranked) - SUMMARY_ROWS} more trained candidates in the `search-{result.target_params}` "
-                     "table artifact and candidates.json (MLflow).")
+             f"{result.schedule.describe()}; {result.tokens_trained:,} trained. Ranked by {metric}.", "",
+             markdown_table(rounds), "",
+             f"Winner {shape_label(w.to_dict()['shape'], w.drop)}: {w.params:,} parameters, {metric} "
+             f"{sig(w.score(metric))} after {len(w.rounds)} rounds. {kendall_line(result.rounds)}", "",
+             markdown_table(table[:SUMMARY_ROWS])]
+    if len(table) > SUMMARY_ROWS:
+        lines.append(f"\n{len(table) - SUMMARY_ROWS} more in the `search-{result.target_params}` table artifact and "
+                     "candidates.json (MLflow).")
     lines.append("")
     for sweep in result.sweeps:
         first, last = sweep.block

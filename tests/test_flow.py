@@ -65,9 +65,10 @@ def test_tiny_flow_end_to_end(services):
     assert tags["final_checkpoint_uri"].startswith(f"s3://{BUCKET}/runs/e2e/")
     assert parent.data.params["distill_tokens"] == "16K"
     children = children_of(parent.info.run_id)
-    for name in ("correct-teacher", "importance", "distill", "evaluate", "evaluate teacher", "evaluate pruned",
+    for name in ("tokenize", "correct-teacher", "importance", "distill", "evaluate", "evaluate teacher", "evaluate pruned",
                  "evaluate final"):
         assert name in children, sorted(children)
+    assert children["tokenize"].data.tags["token_store"]  # the store every stage read
     # successive halving over 8 of the tiny space's 9 shapes: 8 → 4 → 2, a child run per candidate and round
     candidates = [r for n, r in children.items() if n.startswith("candidate ")]
     assert sorted(n.rsplit(" r", 1)[1] for n in children if n.startswith("candidate ")) == \
@@ -94,6 +95,9 @@ def test_tiny_flow_end_to_end(services):
     assert all(c["drop"] == sweep["block"] for c in search["candidates"] if c["kind"] == "mixed" and c["rounds"])
     importance = {a.path for a in client.list_artifacts(children["importance"].info.run_id, "importance")}
     assert {"importance/head_importance.png", "importance/layer_importance.png"} <= importance
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "importance")] == [
+        "importance/head_importance_pruned.png"]  # the winner's pruned heads crossed out
+    assert tags["mlflow.note.content"].startswith("Prefect flow run ")  # the description links back
     assert client.get_model_version(summary["registered_model"], summary["version"]).source == \
         tags["final_checkpoint_uri"]
 
@@ -116,7 +120,8 @@ def test_tiny_flow_end_to_end(services):
         logs = prefect.read_logs()
     assert {"summary", "evaluation"} <= set(artifacts)
     assert any(k.startswith("search-") for k in artifacts)
-    assert "final student" in artifacts["summary"].data
+    assert "final student" in artifacts["summary"].data and "★ winner" in artifacts["summary"].data
+    assert "evaluation-vs-teacher" in artifacts
     text = artifacts["summary"].data  # the search section: rounds, τ and the three charts inline
     assert "## Architecture search" in text and "| 3 | 2 |" in text and text.count("](data:image/png;base64,") == 3
     # what `minitron run` prints: the chart names, not kilobytes of base64
@@ -189,9 +194,10 @@ def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):
     assert "importance" not in children and "distill" in children
     assert summary["final_uri"].startswith(f"s3://{BUCKET}/runs/resume/")
 
-    # a longer distillation: only the distillation stage and what follows run again
+    # a longer distillation: only the distillation stage and what follows run again (tokenize runs every time: it
+    # opens and checks the existing token store, which is its cache)
     longer = compress(config.model_copy(update={"distill_tokens": "24K"}))
-    assert set(children_of(longer["parent_run_id"])) == {"distill"}
+    assert set(children_of(longer["parent_run_id"])) == {"tokenize", "distill"}
     assert longer["final_uri"] != summary["final_uri"]
 
 
@@ -211,3 +217,25 @@ def test_bad_input_fails_in_seconds(services, override, message):
         preflight(tiny(**override))
     assert "\n" not in str(err.value)
     assert time.monotonic() - start < 30
+
+
+def test_a_given_run_name_is_kept_and_a_made_up_one_replaced(monkeypatch):
+    """Prefect names a run given no name with a two-word slug (schedules, `prefect deployment run`, `minitron run`):
+    that one becomes "<name>: <teacher> → <target>"; a name the user typed is kept as it is."""
+    from prefect.runtime import flow_run
+    from prefect.utilities.names import generate_slug
+
+    from flows.compress import made_up_by_prefect, run_name
+
+    assert all(made_up_by_prefect(generate_slug(2)) for _ in range(300))
+    for typed in ("baseline-run", "ui-3f2a1b-run", "Nightly test", "my run", "llama-8b-width"):
+        assert not made_up_by_prefect(typed)
+    config = tiny(name="named").model_dump(mode="json")
+    for given, parameters, expected in ((generate_slug(2), {"config": config}, "named: tiny-random-llama → 60%"),
+                                        ("baseline-run", {"config": config}, "baseline-run"),
+                                        # an invalid config still names the run (preflight refuses it after)
+                                        ("crimson-tiger", {"config": {"name": "x", "target_params": "banana"}},
+                                         "x: smollm2-135m → banana")):
+        monkeypatch.setitem(flow_run.FIELDS, "name", lambda given=given: given)
+        monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda parameters=parameters: parameters)
+        assert run_name() == expected

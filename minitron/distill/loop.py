@@ -394,9 +394,9 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
 
     def val_record(step: int) -> dict:
         t0 = time.perf_counter()
+        rate = tokens_per_s(step)  # before validating: validation is not training time
         rec = {"step": step, "tokens": step * tokens_per_step, **validate(),
-               "lr": lr_at(max(step - 1, 0), total_steps, warmup, cfg.lr, cfg.min_lr),
-               "tokens_per_s": tokens_per_s(step)}
+               "lr": lr_at(max(step - 1, 0), total_steps, warmup, cfg.lr, cfg.min_lr), "tokens_per_s": rate}
         emit(rec, True)
         clock["paused"] += time.perf_counter() - t0
         return rec
