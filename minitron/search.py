@@ -175,9 +175,10 @@ def halving_schedule(candidates: int, budget_tokens: int, tokens_per_step: int, 
 
 
 def schedule_for(config, candidates: int) -> HalvingSchedule:
-    """The schedule of a run config (CompressConfig) for `candidates` candidates in round 1. A step counts every
-    rank's tokens (nproc), so the budgets stay whole steps whether a candidate trains on one device or several."""
-    per_step = config.batch_size * config.grad_accum * config.seq_len * config.nproc
+    """The schedule of a run config (CompressConfig) for `candidates` candidates in round 1. A step is one device's
+    batch_size x grad_accum x seq_len tokens, as candidates train (each on its own device, side by side): a launch
+    path that trains one candidate on several ranks multiplies this by the ranks, here."""
+    per_step = config.batch_size * config.grad_accum * config.seq_len
     return halving_schedule(candidates, config.tokens("search_tokens"), per_step, config.search_eta)
 
 
