@@ -75,11 +75,13 @@ def preflight(config: CompressConfig) -> Plan:
         # Later steps of an iterative schedule prune a winner not known yet: the teacher's shapes stand in for it.
         if step.shape is None:
             rows = rows_for_run(config, model_config, step.target)  # no shape in the budget: one line, here
-            schedule_for(config, min(len(rows), config.search_max_candidates))  # a budget too small for one step
+            # a budget too small for one step per candidate (on nproc ranks each, the run's least)
+            schedule_for(config, min(len(rows), config.search_max_candidates), ranks=config.nproc)
         previous = step.target
 
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
-    for field in ("correction_tokens", "distill_tokens"):
+    budgets = ("correction_tokens",) * config.correct_teacher + ("distill_tokens",)  # the search's: its schedule
+    for field in budgets:  # of the stages that run
         if config.tokens(field) < tokens_per_step:
             raise UserError(f"{field} = {getattr(config, field)} is less than one optimizer step "
                             f"({tokens_per_step} tokens = batch_size x grad_accum x seq_len)")
@@ -87,5 +89,35 @@ def preflight(config: CompressConfig) -> Plan:
         from tasks.ray_cluster import check_cluster
 
         check_cluster(config, {"each training stage": config.nproc})
+    else:
+        check_gpus(config, model_config)
     return Plan(teacher_ref={"uri": config.teacher, "params": teacher_params}, teacher_params=teacher_params,
                 steps=tuple(steps))
+
+
+REFERENCE_GPU = "h100-80gb"  # what stages are sized for where no GPU is visible (the dry run's default)
+
+
+def check_gpus(config: CompressConfig, teacher_config) -> None:
+    """Every training stage gets at most the GPUs this machine has, by the decision the dry run prints: one line
+    naming what each stage needs otherwise. Where no GPU is visible a one-process stage runs on the CPU;
+    `device: cpu` runs every stage as CPU processes (gloo), and nothing is checked."""
+    import torch
+
+    from minitron.plan import local_gpu, make_plan
+
+    if config.device == "cpu":
+        return
+    visible = torch.cuda.device_count()
+    gpu = local_gpu(config.device)
+    plan = make_plan(config, gpu or REFERENCE_GPU, teacher_config=teacher_config)
+    stages = [(st.name.split(" ", 1)[1], st) for st in plan.stages if st.kind == "train"]
+    sized = gpu.name if gpu else f"{REFERENCE_GPU}, as this machine has none"
+    for name, st in stages:
+        if st.parallelism is None:
+            raise UserError(f"{name} on {sized}: {st.fit}")
+    if any(st.gpus > max(visible, 1) for _, st in stages):
+        needs = ", ".join(f"{name} needs {st.gpus} ({st.parallelism.describe()})" for name, st in stages)
+        raise UserError(f"this machine has {visible} GPU{'s' * (visible != 1)} but {needs}, sized for {sized}: run "
+                        f"on a node with {max(st.gpus for _, st in stages)} GPUs (--dry-run --gpu for other cards), "
+                        "lower nproc, or set device: cpu for CPU processes")

@@ -8,6 +8,7 @@ the environment (AWS_*, MLFLOW_TRACKING_PASSWORD, PREFECT_API_AUTH_STRING, HF_TO
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -225,7 +226,13 @@ class CompressConfig(BaseModel):
     activation_checkpointing: bool = Field(False, description="Recompute each student decoder layer in backward: "
                                            "far less activation memory for ~1/3 more student compute (8B-class "
                                            "students at long sequences need it).")
-    nproc: int = Field(1, ge=1, description="GPUs per distillation: >1 runs it under torchrun.")
+    nproc: int = Field(1, ge=1, description="GPUs (processes) per training stage: >1 runs teacher correction, "
+                       "each candidate's short distillation and distillation under torchrun.")
+    parallel: Literal["auto", "ddp", "fsdp"] = Field("auto", description="How a training stage uses its GPUs: ddp "
+                                                 "replicates the trained model, fsdp shards it (FSDP2); auto picks "
+                                                 "per stage what the dry run prints (DDP when it fits one GPU, "
+                                                 "else FSDP over as many GPUs as it needs, activation checkpointing "
+                                                 "when nothing fits without it).")
     backend: Literal["local", "ray"] = Field("local", description="Where training stages and mapped work run: "
                                              "local (this machine: in-process or torchrun) or ray (a Ray "
                                              "cluster: Ray Train jobs across nodes, Ray tasks for candidates and "
@@ -304,6 +311,78 @@ class CompressConfig(BaseModel):
         return any(getattr(self, f) is not None for f in (
             "target_layers", "target_hidden", "target_ffn", "target_heads_per_group", "target_kv_groups",
             "drop_layers", "target_shapes"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the settings of one training stage
+
+
+def run_default(name: str):
+    """The default of a run-config field, written once above: DistillConfig, the CLI flags and the loss read it."""
+    return CompressConfig.model_fields[name].default
+
+
+@dataclass
+class DistillConfig:
+    """One training run (teacher correction, a candidate's short distillation, distillation): the run config's
+    optimisation and runtime fields under the same names and defaults (described in CompressConfig), plus the budget
+    and the knobs only the loop has. `parallel` and `activation_checkpointing` hold the stage's decision
+    (`minitron.plan.choose_parallelism`): never "auto"."""
+
+    tokens: int  # training budget in tokens, all ranks together (the unit the papers use)
+    batch_size: int = run_default("batch_size")  # sequences per micro-batch on each rank
+    grad_accum: int = run_default("grad_accum")
+    lr: float = run_default("lr")
+    min_lr: float = run_default("min_lr")
+    warmup_frac: float = run_default("warmup_frac")
+    weight_decay: float = run_default("weight_decay")  # AdamW decay, on matrices only (not norms, biases)
+    grad_clip: float = run_default("grad_clip")
+    kd_temperature: float = run_default("kd_temperature")
+    kd_top_k: int | None = run_default("kd_top_k")
+    ce_weight: float = run_default("ce_weight")
+    intermediate_weight: float = run_default("intermediate_weight")
+    eval_every: int = run_default("eval_every")  # also before the first and after the last step
+    val_batches: int = run_default("val_batches")  # validation micro-batches (of batch_size x world sequences)
+    checkpoint_every: int = run_default("checkpoint_every")
+    seed: int = run_default("seed")  # data order and initialisation of the intermediate projection
+    compile: bool = run_default("compile")
+    activation_checkpointing: bool = run_default("activation_checkpointing")
+    device: str = run_default("device")  # auto | cpu | cuda | cuda:<index>
+    dtype: str = run_default("dtype")  # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the trained model
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+    log_every: int = 10  # train-metric callback every N steps (each costs a device sync)
+    chunk_tokens: int = 1024  # tokens per chunk of the fused lm_head + KL
+    progress: bool = True  # tqdm progress bar on rank 0 (Prefect callers pass False and a callback)
+
+    def __post_init__(self):
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"DistillConfig.parallel must be ddp or fsdp, not {self.parallel!r}: resolve 'auto' "
+                             "with minitron.plan.choose_parallelism")
+
+    @classmethod
+    def from_run_config(cls, cfg, tokens_field: str = "distill_tokens", **overrides) -> DistillConfig:
+        """Map a `CompressConfig` (same field names) to a DistillConfig with the budget from `tokens_field`. The
+        run's `parallel: auto` stays at the one-process default unless the caller passes the stage's decision."""
+        values = {n: getattr(cfg, n) for n in shared_fields()}
+        if values.get("parallel") == "auto":
+            del values["parallel"]
+        values.update(overrides)
+        return cls(tokens=cfg.tokens(tokens_field), **values)
+
+    def steps(self, seq_len: int, world: int) -> int:
+        """Optimizer steps of the budget on `world` ranks; a UserError when it is smaller than one step."""
+        per_step = self.batch_size * seq_len * self.grad_accum * world
+        if self.tokens < per_step:
+            raise UserError(f"token budget {self.tokens:,} is smaller than one optimizer step ({self.batch_size} x "
+                            f"{seq_len} tokens x {self.grad_accum} accum x {world} ranks = {per_step:,}): raise "
+                            "the tokens or lower batch_size/seq_len")
+        return self.tokens // per_step
+
+
+def shared_fields() -> tuple[str, ...]:
+    """The DistillConfig fields that are run-config fields (the training settings a stage's worker receives)."""
+    return tuple(f.name for f in fields(DistillConfig) if f.name in CompressConfig.model_fields)
 
 
 def _coerce(raw: str):

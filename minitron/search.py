@@ -174,12 +174,25 @@ def halving_schedule(candidates: int, budget_tokens: int, tokens_per_step: int, 
                            tuple(Round(n, steps * eta ** r * tokens_per_step) for r, n in enumerate(counts)))
 
 
-def schedule_for(config, candidates: int) -> HalvingSchedule:
-    """The schedule of a run config (CompressConfig) for `candidates` candidates in round 1. A step is one device's
-    batch_size x grad_accum x seq_len tokens, as candidates train (each on its own device, side by side): a launch
-    path that trains one candidate on several ranks multiplies this by the ranks, here."""
-    per_step = config.batch_size * config.grad_accum * config.seq_len
+def schedule_for(config, candidates: int, ranks: int = 1) -> HalvingSchedule:
+    """The schedule of a run config (CompressConfig) for `candidates` candidates in round 1, each trained on `ranks`
+    data-parallel ranks (the training stages' parallelism: nproc, or more GPUs where a candidate needs FSDP; a
+    common multiple when candidates differ). A step is batch_size x grad_accum x seq_len tokens on every rank, so
+    each candidate's budget is whole steps at that world size, and trains exactly."""
+    per_step = config.batch_size * config.grad_accum * config.seq_len * ranks
     return halving_schedule(candidates, config.tokens("search_tokens"), per_step, config.search_eta)
+
+
+def candidate_ranks(config, teacher, shapes, gpu) -> int:
+    """The world size `schedule_for` counts steps at: the least common multiple of the ranks each candidate of
+    `shapes` trains on, by the decision the dry run prints and each candidate's stage takes
+    (`minitron.plan.train_parallelism` against the frozen `teacher`, a `minitron.plan.Model`, on `gpu`; None: CPU
+    processes). So every round's budget is whole optimizer steps for every candidate. A shape that fits no GPU
+    counts as nproc: its own stage refuses it (the dry run's check has already refused the biggest)."""
+    from minitron.plan import Model, train_parallelism
+
+    worlds = [train_parallelism(config, Model(teacher.config, shape), teacher, gpu)[0] for shape in shapes]
+    return math.lcm(config.nproc, *(w.gpus for w in worlds if w is not None))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from prefect import get_run_logger, unmapped
 from minitron.config import CompressConfig, format_count
 from tasks.common import (
     RunContext,
+    counted,
     fetch,
     load_run_data,
     load_run_model,
@@ -29,6 +30,7 @@ from tasks.common import (
     stage,
     stage_params,
     stage_task,
+    training_stage,
 )
 
 
@@ -62,6 +64,7 @@ def plan_candidates(config: CompressConfig, ctx: RunContext, teacher: dict, scor
     zero-shot proxy), the block each depth or mixed shape removes, and the token schedule of the rounds."""
     from minitron import plots, search
     from minitron.models import load_config
+    from minitron.plan import local_gpu
 
     params = {**stage_params(config, "tolerance", "axes", "prune_kv_groups", "max_width_pruning",
                              "max_depth_pruning", "memory_cap_gib", "search_max_candidates", "search_proxy",
@@ -87,9 +90,11 @@ def plan_candidates(config: CompressConfig, ctx: RunContext, teacher: dict, scor
             sweeps = search.choose_depth_blocks(model, rows, _block_score(config, model, tokenizer, data))
             s.run.log_dict([w.to_dict() for w in sweeps], "depth_blocks.json")
             s.run.log_artifact(plots.plot_depth_blocks(sweeps, s.work / "depth_blocks.png"))
-        entering = sum(r.status == "candidate" for r in rows)
-        schedule = search.schedule_for(config, entering)
-        s.run.log_metrics({"space": len(rows), "candidates": entering, "search_budget_tokens": schedule.budget,
+        entering = [r for r in rows if r.status == "candidate"]
+        ranks = search.candidate_ranks(config, counted(model_spec(ctx, teacher)), [r.shape for r in entering],
+                                       local_gpu(config.device))  # as each candidate's stage decides
+        schedule = search.schedule_for(config, len(entering), ranks=ranks)
+        s.run.log_metrics({"space": len(rows), "candidates": len(entering), "search_budget_tokens": schedule.budget,
                            "search_scheduled_tokens": schedule.total, "rounds": len(schedule.rounds)})
         s.run.log_dict({"selection": selection, "schedule": schedule.to_dict(),
                         "candidates": [r.to_dict() for r in rows]}, "space.json")
@@ -100,20 +105,29 @@ def plan_candidates(config: CompressConfig, ctx: RunContext, teacher: dict, scor
 
 
 def _train_candidate(config: CompressConfig, ctx: RunContext, teacher: dict, scores: dict, candidate, *,
-                     tokens: int, number: int, s):
+                     tokens: int, number: int, s, train):
     """The one call that trains a candidate for a round: prune the teacher afresh to the candidate's shape and block,
-    distil it for exactly `tokens` (the round's record lands in `candidate.rounds`). (student, tokenizer), or
-    (None, tokenizer) when it failed (the error is in `candidate.error`)."""
+    save it to a local folder and run the training stages' one launch path (`train`) on it for exactly `tokens`;
+    the round's record lands in `candidate.rounds`. The trained model's folder, or None when it failed (the error is
+    in `candidate.error`)."""
     from minitron import search
-    from minitron.distill import DistillConfig
 
     model, tokenizer = load_run_model(config, teacher, ctx)
-    short = search.ShortDistill(DistillConfig.from_run_config(config, "search_tokens", progress=False), tokenizer)
-    student = search.distill_candidate(
+
+    def short_distill(teacher_model, pruned, data, *, tokens, seed, out_dir, callback):
+        from minitron.models import save_model
+
+        folder = save_model(pruned, tokenizer, s.work / "pruned")
+        for saved in (teacher_model, pruned):  # the worker loads its own copies: free these before it does
+            saved.to("meta")
+        result = train("distill", model=str(folder), teacher=model_spec(ctx, teacher), out=out_dir,
+                       callback=callback, tokens=tokens, seed=seed)
+        return result.pop("folder"), result
+
+    return search.distill_candidate(
         model, _load_scores(ctx, scores), load_run_data(config, tokenizer), candidate, tokens=tokens,
-        seed=config.seed, number=number, short_distill=short, out_dir=s.work / "run",
+        seed=config.seed, number=number, short_distill=short_distill, out_dir=s.work / "run",
         on_event=lambda e: s.on_metrics(e["metrics_point"]) if e["event"] == "progress" else None)
-    return student, tokenizer
 
 
 @stage_task("distill-candidate")
@@ -121,23 +135,21 @@ def distill_candidate(config: CompressConfig, ctx: RunContext, teacher: dict, sc
                       number: int, publish: bool) -> dict:
     """One candidate's round: the same short distillation for every candidate of the round (data order, seed and
     budget). The last round publishes its models: the winner's is the final distillation's start."""
-    from minitron.models import save_model
     from minitron.search import CandidateRow
 
     candidate = CandidateRow.from_dict(row)
-    with stage(ctx, f"candidate {candidate.name} r{number}", {**_shape_params(row), "round": number,
-                                                               "tokens": tokens}, total_tokens=tokens) as s:
-        student, tokenizer = _train_candidate(config, ctx, teacher, scores, candidate, tokens=tokens, number=number,
-                                              s=s)
-        if student is None:  # the child run ends FAILED; the flow records it and the round goes on without it
+    teacher_spec = model_spec(ctx, teacher)
+    with training_stage(ctx, config, f"candidate {candidate.name} r{number}",
+                        {**_shape_params(row), "round": number, "tokens": tokens}, budget="search_tokens",
+                        total_tokens=tokens, trained=counted(teacher_spec, row["shape"]),
+                        teacher=counted(teacher_spec)) as (s, train):
+        folder = _train_candidate(config, ctx, teacher, scores, candidate, tokens=tokens, number=number, s=s,
+                                  train=train)
+        if folder is None:  # the child run ends FAILED; the flow records it and the round goes on without it
             raise RuntimeError(candidate.error)
         record = candidate.rounds[-1]
         s.run.log_metrics({"final_val_loss": record["val_loss"], "final_val_kl": record["val_kl"]})
-        uri = None
-        if publish:
-            save_model(student, tokenizer, s.work / "model")
-            uri = s.publish(s.work / "model")
-        return {"record": record, "model_uri": uri, "mlflow_run_id": s.run.run_id}
+        return {"record": record, "model_uri": s.publish(folder) if publish else None, "mlflow_run_id": s.run.run_id}
 
 
 def search_architecture(config: CompressConfig, ctx: RunContext, teacher: dict, scores: dict, target: int) -> dict:

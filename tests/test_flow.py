@@ -169,7 +169,7 @@ def test_failed_candidate_is_recorded_and_the_search_goes_on(services, monkeypat
 def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):
     from mlflow import MlflowClient
 
-    import minitron.search
+    import tasks.search
     from flows.compress import compress
 
     config = tiny(name="resume", evaluate=False, search_max_candidates=2)  # one round of two
@@ -184,7 +184,8 @@ def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):
 
     before = importance_runs()
     with monkeypatch.context() as patch:
-        patch.setattr(minitron.search, "sample_rows", broken)  # the search stage, after importance
+        # the search stage's first step, after importance (preflight's plan reads the space through minitron.search)
+        patch.setattr(tasks.search, "model_spec", broken)
         with pytest.raises(RuntimeError, match="injected failure"):
             compress(config)
     assert importance_runs() == before + 1
@@ -239,3 +240,39 @@ def test_a_given_run_name_is_kept_and_a_made_up_one_replaced(monkeypatch):
         monkeypatch.setitem(flow_run.FIELDS, "name", lambda given=given: given)
         monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda parameters=parameters: parameters)
         assert run_name() == expected
+
+
+def test_two_process_fsdp_flow_matches_one_process(services):
+    """configs/tiny.yaml with nproc 2, parallel fsdp: teacher correction, both candidates and distillation run under
+    torchrun (2 gloo processes, FSDP2) and end at the one-process run's validation KL.
+
+    Both runs see the same global batch (2 x 4 sequences vs 1 x 8) and the same validation blocks (val_batches x
+    batch_size x processes); the search's one round distils both candidates (max_candidates = 2 = eta: successive
+    halving has nothing to cut) for the same whole steps (the schedule's step is the global batch), and width-only
+    shapes need no depth-block sweep. What differs is the order of fp32 sums: FSDP's reduce-scatter against one
+    process, and the importance batches (4 vs 8 sequences). The tiny random teacher is nearly uniform, so the final
+    KL is ~2.4e-5, a difference of log-probabilities near -5.8 that fp32 resolves to ~3e-7 per token: the measured gap
+    is 8e-5 relative (2e-9 absolute). rel 1e-3 leaves 12x headroom and is 0.2% of what distillation moves the KL
+    (it falls by more than half), so a lost gradient, shard or data slice would not pass."""
+    from mlflow import MlflowClient
+
+    from flows.compress import compress
+    from tasks.tracking import metric_history
+
+    common = dict(evaluate=False, axes="width", tolerance=0.2, search_max_candidates=2, device="cpu")
+    runs = {"one": compress(tiny(name="one", **common)),
+            "two": compress(tiny(name="two", nproc=2, parallel="fsdp", batch_size=4, **common))}
+    client = MlflowClient()
+    kl = {k: client.get_run(v["parent_run_id"]).data.metrics["final_val_kl"] for k, v in runs.items()}
+    trained = {name: run for name, run in children_of(runs["two"]["parent_run_id"]).items()
+               if name in ("correct-teacher", "distill") or name.startswith("candidate ")}
+    assert len(trained) == 4
+    one = children_of(runs["one"]["parent_run_id"])
+    for name, run in trained.items():  # the decision is a param of every training stage's child run
+        assert (run.data.params["parallelism"], run.data.params["gpus"]) == ("FSDP x2", "2")
+        # the ranks read the capped corpus (tiny.yaml: max_corpus_tokens 400K), as the one process does
+        assert run.data.metrics["corpus_tokens"] == one[name].data.metrics["corpus_tokens"] < 500_000
+    assert one["distill"].data.params["parallelism"] == "1 process"
+    assert kl["two"] == pytest.approx(kl["one"], rel=1e-3), kl
+    start = metric_history(trained["distill"].info.run_id, "val_kl")[0][1]  # (step, value) before the first step
+    assert kl["two"] < 0.5 * start

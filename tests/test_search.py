@@ -76,6 +76,27 @@ def test_schedule_by_hand():
         halving_schedule(8, 24 * 128 - 1, 128)
 
 
+def test_round_budgets_are_whole_steps_on_every_candidates_ranks():
+    """Llama-3.1-8B on an H100 at nproc 1: a 4.5B student (16 bytes a trained parameter = 72 GB, beside the bf16
+    teacher) needs FSDP over 2 GPUs, a 1B one trains in one process. The schedule counts steps of 2 ranks, so both
+    train their round's budget exactly; on CPU processes every candidate runs on nproc ranks."""
+    from minitron.archmath import Shape, shape_of
+    from minitron.config import make_config
+    from minitron.models import load_config
+    from minitron.plan import GPUS, Model
+    from minitron.search import candidate_ranks, schedule_for
+
+    config = load_config("llama-3.1-8b")
+    teacher = Model(config, shape_of(config))
+    shapes = [Shape(32, 3072, 9216, 32, 8, 128), Shape(16, 2048, 4096, 16, 8, 128)]
+    cfg = make_config({"teacher": "llama-3.1-8b", "search_tokens": "100M"})
+    assert candidate_ranks(cfg, teacher, shapes, GPUS["h100-80gb"]) == 2
+    assert candidate_ranks(cfg, teacher, shapes[1:], GPUS["h100-80gb"]) == 1
+    assert candidate_ranks(make_config({"teacher": "llama-3.1-8b", "nproc": 3}), teacher, shapes, None) == 3
+    step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    assert all(r.tokens % (2 * step) == 0 for r in schedule_for(cfg, 2, ranks=2).rounds)
+
+
 def test_search_trains_exactly_the_scheduled_tokens(tmp_path):
     scores = {1024: [0.8, 0.3, 0.5, 0.9, 0.4, 0.7, 0.6, 0.2], 2048: {7: 0.25, 1: 0.15, 4: 0.35, 2: 0.1},
               4096: {2: 0.05, 1: 0.08}}
