@@ -135,11 +135,12 @@ def distill_candidate(config: CompressConfig, ctx: RunContext, teacher: dict, sc
                       number: int, publish: bool) -> dict:
     """One candidate's round: the same short distillation for every candidate of the round (data order, seed and
     budget). The last round publishes its models: the winner's is the final distillation's start."""
+    from minitron.report import shape_label
     from minitron.search import CandidateRow
 
     candidate = CandidateRow.from_dict(row)
-    teacher_spec = model_spec(ctx, teacher)
-    with training_stage(ctx, config, f"candidate {candidate.name} r{number}",
+    teacher_spec = model_spec(ctx, teacher)  # the run named shape-first, as its Prefect task run and the tables
+    with training_stage(ctx, config, f"candidate {shape_label(row['shape'], row['drop'])} r{number}",
                         {**_shape_params(row), "round": number, "tokens": tokens}, budget="search_tokens",
                         total_tokens=tokens, trained=counted(teacher_spec, row["shape"]),
                         teacher=counted(teacher_spec)) as (s, train):

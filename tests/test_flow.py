@@ -155,7 +155,7 @@ def test_failed_candidate_is_recorded_and_the_search_goes_on(services, monkeypat
     monkeypatch.setattr(minitron.prune, "prune", flaky)
     summary = compress(tiny(name="flaky", evaluate=False, correct_teacher=False, search_max_candidates=4))
     children = children_of(summary["parent_run_id"])
-    failed = [r for n, r in children.items() if n.startswith("candidate c000-")]
+    failed = [r for n, r in children.items() if n.startswith("candidate L4-H48-F80-")]  # named by its shape
     assert len(failed) == 1 and failed[0].info.status == "FAILED"
     assert sum(n.startswith("candidate ") and n.endswith(" r1") for n in children) == 4
     select = next(r for n, r in children.items() if n.endswith(": select"))
