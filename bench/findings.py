@@ -80,6 +80,7 @@ class Settings:
     heldout: str | None = "corpus-en-valid"  # held-out corpus for validation KL/CE and the cloze; None = data's split
     bpb_text: str | None = "wikitext-2-test"  # text file for bits per byte; None = the held-out corpus's passages
     val_fraction: float = 0.05  # document split of `data` (the training loop validates on it)
+    corpus_tokens: int | None = None  # read at most this many tokens of `data` (None: all of it)
     seq_len: int = 1024
     # students
     target: float = 0.55  # student size, fraction of the teacher's parameters
@@ -355,8 +356,10 @@ class Study:
         self.device = resolve_device(s.device)
         self.data_spec = resolve_data(s.data)
         self.tokenizer = load_tokenizer(s.teacher)
-        self.data_kwargs = {"spec": self.data_spec, "seq_len": s.seq_len, "val_fraction": s.val_fraction, "seed": 0}
-        self.data = load_token_data(self.data_spec, self.tokenizer, s.seq_len, val_fraction=s.val_fraction, seed=0)
+        self.data_kwargs = {"spec": self.data_spec, "seq_len": s.seq_len, "val_fraction": s.val_fraction, "seed": 0,
+                            "max_tokens": s.corpus_tokens}  # what every training job's worker loads
+        self.data = load_token_data(self.data_spec, self.tokenizer, s.seq_len,
+                                    **{k: v for k, v in self.data_kwargs.items() if k not in ("spec", "seq_len")})
         heldout = resolve_data(s.heldout)
         if heldout is None:
             blocks = self.data.val[: s.heldout_blocks]
