@@ -153,7 +153,8 @@ def _layer_output(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _lm_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
+def lm_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token cross-entropy of `model` on token blocks [n, seq_len] (the validation LM loss)."""
     device, total = next(model.parameters()).device, 0.0
     for i in range(0, len(blocks), batch_size):
         ids = blocks[i:i + batch_size].to(device)
@@ -166,12 +167,12 @@ def _lm_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
 @torch.no_grad()
 def layer_skip_losses(model, blocks: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Validation LM loss increase when each layer is skipped (its forward hook returns its input)."""
-    base = _lm_loss(model, blocks, batch_size)
+    base = lm_loss(model, blocks, batch_size)
     out = []
     for layer in model.model.layers:
         handle = layer.register_forward_hook(lambda m, a, kw, o: _hidden_states(a, kw), with_kwargs=True)
         try:
-            out.append(_lm_loss(model, blocks, batch_size) - base)
+            out.append(lm_loss(model, blocks, batch_size) - base)
         finally:
             handle.remove()
     return torch.tensor(out, dtype=torch.float32)
