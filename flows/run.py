@@ -4,6 +4,8 @@ MINITRON_CHECKPOINT_STORE (or the config) point at services."""
 
 from __future__ import annotations
 
+import re
+
 from minitron.config import CompressConfig
 
 
@@ -18,7 +20,7 @@ def run_from_cli(config: CompressConfig, args=None) -> int:
 
     summary = compress(config)
     print()
-    print(summary["summary"])
+    print(for_terminal(summary["summary"]))
     print()
     print(f"MLflow:      {tracking_uri(config.tracking_uri)}  (UI: mlflow ui --backend-store-uri "
           f"{tracking_uri(config.tracking_uri)})")
@@ -26,3 +28,8 @@ def run_from_cli(config: CompressConfig, args=None) -> int:
     print(f"final model: {summary['final_uri']}")
     print(f"state:       {state_dir()}")
     return 0
+
+
+def for_terminal(summary: str) -> str:
+    """The run summary without its inline charts (data-URI images, which Prefect renders): their names instead."""
+    return re.sub(r"!\[([^\]]*)\]\(data:image/png;base64,[^)]*\)", r"[chart: \1, in the Prefect summary]", summary)

@@ -151,7 +151,8 @@ def test_run_refuses_in_one_line(case, ray_cluster, tmp_path):
     nproc = RAY_CPUS + 1 if case == "too-small" else 2
     result = subprocess.run(
         [sys.executable, "-m", "minitron.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
-         "--set", "backend=ray", "--set", f"ray_address={address}", "--set", f"nproc={nproc}", "--set", "device=cpu"],
+         "--set", "backend=ray", "--set", f"ray_address={address}", "--set", f"nproc={nproc}", "--set", "device=cpu",
+         "--set", "search_tokens=80K"],  # room for one step of RAY_CPUS + 1 ranks per candidate: only the cluster is too small
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     expected = {"too-small": f"error: the Ray cluster at {address} has {RAY_CPUS} CPUs but each training stage needs "
@@ -358,7 +359,7 @@ def test_tiny_flow_on_ray_matches_the_local_backend(ray_driver, ray_cluster, ser
 
     from flows.compress import compress
 
-    common = dict(evaluate=False, axes="width", tolerance=0.2, search_max_candidates=2, search_top_k=2, device="cpu",
+    common = dict(evaluate=False, axes="width", tolerance=0.2, search_max_candidates=2, device="cpu",
                   nproc=2, parallel="ddp", batch_size=4)
     local = compress(tiny(name="local", **common))
     seen, stop = [], threading.Event()
