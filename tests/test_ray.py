@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import test_distill_ddp
 import torch
 from services import RAY_CPUS
 from test_distill_loop import (  # noqa: F401  (autouse: one torch thread)
@@ -31,6 +32,7 @@ from minitron.errors import UserError
 from tasks.ray_cluster import check_capacity, check_cluster
 
 pytestmark = pytest.mark.services
+folders, corpus = test_distill_ddp.folders, test_distill_ddp.corpus  # fixtures: a tiny teacher and student, a corpus
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -193,25 +195,6 @@ print(json.dumps({"cpu": resources["CPU"], "mode": os.environ["RAY_AUTH_MODE"], 
 # -- training stages as Ray Train jobs ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """(teacher, student) folders: a sharp tiny teacher and its depth-pruned student (as tests/test_distill_ddp.py)."""
-    from minitron.models import make_byte_tokenizer, save_model
-
-    root, tokenizer, teacher = tmp_path_factory.mktemp("folders"), make_byte_tokenizer(), sharp_teacher()
-    return (save_model(teacher, tokenizer, root / "teacher"),
-            save_model(depth_pruned(teacher), tokenizer, root / "student"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    for d in range(12):
-        paragraphs = [" ".join(f"w{(d * 31 + p * 13 + i * 7) % 97}" for i in range(60)) for p in range(5)]
-        (folder / f"doc{d:02d}.txt").write_text("\n\n".join(paragraphs))
-    return folder
-
-
 def ray_run(tmp_path, store: str, **overrides):
     """A RunContext and a run config for calling the Ray training path directly (the flow builds the same)."""
     from tasks.common import RunContext
@@ -223,12 +206,12 @@ def ray_run(tmp_path, store: str, **overrides):
                              **overrides})
 
 
-def distill_job(config, models, corpus, out: Path, nproc: int):
+def distill_job(config, folders, corpus, out: Path, nproc: int):
     from minitron.plan import Parallelism
     from tasks.common import training_job
 
     config = config.model_copy(update={"data": str(corpus), "nproc": nproc})
-    teacher, student = models
+    teacher, student = folders
     return training_job(config, "distill", "distill_tokens", Parallelism(nproc, "ddp", False), out,
                         model=str(student), teacher=str(teacher))
 
@@ -265,7 +248,7 @@ def kill_a_worker_once_checkpointed(storage: Path, killed: dict) -> threading.Th
     return thread
 
 
-def test_killed_worker_restarts_the_job_from_its_last_checkpoint(ray_driver, models, corpus, tmp_path):
+def test_killed_worker_restarts_the_job_from_its_last_checkpoint(ray_driver, folders, corpus, tmp_path):
     """A 2-worker Ray Train distillation: once a checkpoint is in the store, one worker process gets SIGKILL. Ray
     Train restarts the worker group (ray_max_failures = 1), rank 0 gets the checkpoint back from the store and the
     loop resumes from it; the student ends where one process at the same global batch ends (atol 1e-5, 0.3% of an
@@ -277,7 +260,7 @@ def test_killed_worker_restarts_the_job_from_its_last_checkpoint(ray_driver, mod
     from tasks import ray_train
 
     ctx, config = ray_run(tmp_path, str(tmp_path / "store"), ray_max_failures=1, distill_tokens=200 * 4 * 16)
-    job = distill_job(config, models, corpus, tmp_path / "two", 2)
+    job = distill_job(config, folders, corpus, tmp_path / "two", 2)
     killed, records = {}, []
     watcher = kill_a_worker_once_checkpointed(tmp_path / "store" / "ray", killed)
     result = ray_train.fit(ctx, config, "distill", {"CPU": float(RAY_CPUS)}, job, callback=records.append)
@@ -289,14 +272,14 @@ def test_killed_worker_restarts_the_job_from_its_last_checkpoint(ray_driver, mod
     assert result["start_step"] >= killed["step"]  # from a checkpoint in the store, not from step 0
     assert records[-1]["step"] == 200  # rank 0's records reached the stage's callback, across the restart
 
-    one = launch(distill_job(config.model_copy(update={"batch_size": 4}), models, corpus, tmp_path / "one", 1))
+    one = launch(distill_job(config.model_copy(update={"batch_size": 4}), folders, corpus, tmp_path / "one", 1))
     assert one["steps"] == 200
     a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d) for d in ("one", "two"))
     for (name, p1), p2 in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(p2, p1, rtol=0, atol=1e-5, msg=name)
 
 
-def test_a_job_out_of_retries_fails_in_one_line(ray_driver, models, corpus, tmp_path):
+def test_a_job_out_of_retries_fails_in_one_line(ray_driver, folders, corpus, tmp_path):
     """ray_max_failures = 0: the first dead worker ends the stage, with one line that says so."""
     from tasks import ray_train
 
@@ -305,7 +288,7 @@ def test_a_job_out_of_retries_fails_in_one_line(ray_driver, models, corpus, tmp_
     watcher = kill_a_worker_once_checkpointed(tmp_path / "store" / "ray", killed)
     with pytest.raises(RuntimeError) as failed:
         ray_train.fit(ctx, config, "distill", {"CPU": float(RAY_CPUS)},
-                      distill_job(config, models, corpus, tmp_path / "o", 2))
+                      distill_job(config, folders, corpus, tmp_path / "o", 2))
     watcher.join(timeout=5)
     assert killed
     line = str(failed.value)
@@ -313,7 +296,7 @@ def test_a_job_out_of_retries_fails_in_one_line(ray_driver, models, corpus, tmp_
                                                 "(ray_max_failures = 0): rank "), line
 
 
-def test_a_user_error_on_a_ray_worker_is_one_line(ray_driver, models, corpus, tmp_path, tiny_tokenizer):
+def test_a_user_error_on_a_ray_worker_is_one_line(ray_driver, folders, corpus, tmp_path, tiny_tokenizer):
     """Found on the workers once the models are loaded: the stage fails with that line (a UserError), not with Ray's
     report of a failed worker group, and no retry trains anything."""
     from conftest import build_tiny_model
@@ -325,7 +308,7 @@ def test_a_user_error_on_a_ray_worker_is_one_line(ray_driver, models, corpus, tm
     other_vocab = save_model(build_tiny_model("llama", vocab_size=300), tiny_tokenizer, tmp_path / "v300")
     with pytest.raises(UserError, match="^teacher and student vocabularies differ"):
         ray_train.fit(ctx, config, "distill", {"CPU": float(RAY_CPUS)},
-                      distill_job(config, (models[0], other_vocab), corpus, tmp_path / "o", 2))
+                      distill_job(config, (folders[0], other_vocab), corpus, tmp_path / "o", 2))
 
 
 # -- the tiny flow on Ray against the local backend -----------------------------------------------------------------
