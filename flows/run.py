@@ -1,22 +1,43 @@
 """`minitron run --config FILE`: the compress flow from the command line, on the embedded default (Prefect's
 ephemeral API, MLflow in SQLite, checkpoints in a folder) unless PREFECT_API_URL / MLFLOW_TRACKING_URI /
-MINITRON_CHECKPOINT_STORE (or the config) point at services."""
+MINITRON_CHECKPOINT_STORE (or the config) point at services.
+
+Ctrl-C stops the run within seconds: the flow run ends Cancelled, every stage leaves its devices as its block
+unwinds (the kernel would free them anyway when we exit), and the finished stages and local checkpoints stay for
+the next run of the same command."""
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
+
 from minitron.config import CompressConfig
+
+EXIT_GRACE_S = 5.0  # after a cancellation, how long stages in other threads get to reach their next stop point
 
 
 def run_from_cli(config: CompressConfig, args=None) -> int:
-    from flows.environment import state_dir, store_uri, tracking_uri, use_embedded_defaults
+    from flows.environment import embedded_api, state_dir, store_uri, tracking_uri, use_embedded_defaults
 
     use_embedded_defaults()  # before prefect is imported: it reads its settings once
     from flows.preflight import preflight
 
     preflight(config)  # bad input: one line, before Prefect starts and before any model work
+    from prefect.exceptions import CancelledRun
+
     from flows.compress import compress
 
-    summary = compress(config)
+    with embedded_api():
+        try:
+            summary = compress(config)
+        except CancelledRun as cancelled:
+            summary = None
+            print(f"cancelled: {cancelled}", file=sys.stderr)
+    if summary is None:
+        _leave_stragglers()
+        return 130
     print()
     print(summary["summary"])
     print()
@@ -26,3 +47,16 @@ def run_from_cli(config: CompressConfig, args=None) -> int:
     print(f"final model: {summary['final_uri']}")
     print(f"state:       {state_dir()}")
     return 0
+
+
+def _leave_stragglers() -> None:
+    """Exit now if a stage thread is still busy after the grace period (a long operation between two progress
+    records): its checkpoints are on disk and its devices are freed by the kernel when the process ends."""
+    deadline = time.monotonic() + EXIT_GRACE_S
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)

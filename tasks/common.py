@@ -2,10 +2,11 @@
 
 - `RunContext`: the small, picklable handle a flow run passes to its tasks (MLflow parent run, checkpoint store,
   scratch folder). It is left out of the cache key, so a re-run of the same config finds the finished stages.
-- `stage(...)`: the block each task runs its work in: an MLflow child run, the machine's compute slot (a Prefect
-  global concurrency limit, so two flow runs on one box queue instead of colliding), a throttled progress artifact
-  and log line, and `publish` / `fetch` for checkpoints (URIs and manifests in, URIs and manifests out: weights never
-  travel through Prefect).
+- `stage(...)`: the block each task runs its work in: an MLflow child run, the machine's compute slot (concrete
+  devices held through lock files the kernel releases when the holder dies, see tasks/slots.py; against a Prefect
+  server also a lease on its global concurrency limit), a throttled progress artifact and log line, and
+  `publish` / `fetch` for checkpoints (URIs and manifests in, URIs and manifests out: weights never travel through
+  Prefect).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +26,8 @@ from prefect import get_run_logger
 from prefect.context import TaskRunContext
 
 from minitron.config import CompressConfig
-from tasks import storage, tracking
+from minitron.errors import UserError
+from tasks import slots, storage, tracking
 
 # A stage's result depends on the upstream stages' outputs (URIs, shapes) and on the config fields it reads, not on
 # which flow run asks: re-running a config after a crash resumes after the last finished stage, and changing, say,
@@ -58,6 +61,11 @@ def stage_cache_key(context, parameters: dict) -> str:
     return f"{name}-{hash_objects(fields, upstream, raise_on_failure=True)}"
 
 PROGRESS_EVERY_S = 5.0  # progress artifact / log line at most this often: per-step logs flood Prefect's log view
+LEASE_S = 60.0  # Prefect server's shortest lease: a holder that dies stops renewing, its slot returns in ~1 min
+
+# Set when the run is interrupted (Ctrl-C): stages in other threads (mapped candidates) stop at their next progress
+# record or slot poll, so the process can exit in seconds instead of finishing their work.
+INTERRUPTED = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,10 @@ class RunContext:
     slot_timeout_s: float  # how long a stage waits for the slot before failing
     stage_timeout_s: float | None  # a stage running longer is stopped (its local checkpoints stay for a retry)
     refresh: bool  # recompute stages even when a cached result exists (config.resume off)
+    slot_dir: str = ""  # the machine's device lock files (tasks/slots.py): <MINITRON_HOME>/slots
+    inventory: tuple[int, ...] = ()  # the visible GPUs; () = the machine's one CPU slot
+    leases: bool = False  # also hold a lease on the Prefect server's limit `slot` (a real server, not ephemeral)
+    run_name: str = ""  # this flow run's name, written into the lock files for whoever waits
 
     @property
     def task_options(self) -> dict:
@@ -99,14 +111,12 @@ def compute_slot(device: str) -> str:
     return f"{resolve_device(device).type.replace('cuda', 'gpu')}:{socket.gethostname()}"
 
 
-def ensure_slot(name: str) -> None:
-    """Create the concurrency limit if missing: one slot per GPU (or one CPU slot), so stages queue per box."""
-    import torch
+def ensure_slot(name: str, inventory: tuple[int, ...]) -> None:
+    """Create the Prefect server's concurrency limit if missing: one slot per GPU (or one CPU slot)."""
     from prefect.client.orchestration import get_client
 
-    slots = torch.cuda.device_count() if name.startswith("gpu:") else 1
     with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, max(1, slots))
+        client.upsert_global_concurrency_limit_by_name(name, max(1, len(inventory)))
 
 
 def fetch(ctx: RunContext, uri: str) -> Path:
@@ -120,8 +130,10 @@ def fetch(ctx: RunContext, uri: str) -> Path:
 class Stage:
     """Handle yielded by `stage(...)`: the MLflow child run plus progress reporting and checkpoint publishing."""
 
-    def __init__(self, ctx: RunContext, name: str, run: tracking.Run, total_tokens: int | None):
+    def __init__(self, ctx: RunContext, name: str, run: tracking.Run, total_tokens: int | None,
+                 devices: tuple[int, ...] = ()):
         self.ctx, self.name, self.run = ctx, name, run
+        self.devices = devices  # CUDA indices this stage holds (disjoint from every other stage); () on CPU
         self.work = Path(ctx.work_dir) / slug(name)
         self.work.mkdir(parents=True, exist_ok=True)
         self.total_tokens = total_tokens
@@ -132,8 +144,15 @@ class Stage:
 
             self._progress_id = create_progress_artifact(0.0, description=f"{name}: tokens processed")
 
+    @property
+    def cuda_visible_devices(self) -> str:
+        """CUDA_VISIBLE_DEVICES for a worker process of this stage: its devices as the machine numbers them."""
+        return ",".join(slots.physical_ids(self.devices))
+
     def on_metrics(self, record: dict) -> None:
         """Callback for the minitron loops: every record to MLflow (few stable keys), throttled to Prefect."""
+        if INTERRUPTED.is_set():  # Ctrl-C: a stage in another thread stops here (its checkpoints stay)
+            raise KeyboardInterrupt
         self.run.log_progress(record)
         now = time.monotonic()
         if now - self._last < PROGRESS_EVERY_S and "val_kl" not in record and "val_ce" not in record:
@@ -156,16 +175,82 @@ class Stage:
 
 @contextmanager
 def stage(ctx: RunContext, name: str, params: dict | None = None, *, total_tokens: int | None = None,
-          compute: bool = True) -> Iterator[Stage]:
-    """Run a stage's work inside an MLflow child run, holding the machine's compute slot when `compute`."""
-    from prefect.concurrency.sync import concurrency
-
+          devices: int = 1, compute: bool = True) -> Iterator[Stage]:
+    """Run a stage's work inside an MLflow child run, holding `devices` of the machine's GPUs (its one CPU slot on a
+    machine without GPUs) when `compute`. The store is checked first: a stage that could not publish never starts."""
     with tracking.child_run(ctx.parent_run_id, name, params, tracking_uri=ctx.tracking_uri) as run:
         if not compute:
             yield Stage(ctx, name, run, total_tokens)
             return
-        with concurrency(ctx.slot, occupy=1, timeout_seconds=ctx.slot_timeout_s, strict=True):
-            yield Stage(ctx, name, run, total_tokens)
+        with hold_devices(ctx, name, devices) as held:
+            storage.check_store(ctx.store_uri)
+            yield Stage(ctx, name, run, total_tokens, held)
+
+
+def _log(message: str) -> None:
+    try:
+        get_run_logger().info(message)
+    except Exception:  # outside a Prefect run (tests, scripts)
+        import logging
+
+        logging.getLogger(__name__).info(message)
+
+
+@contextmanager
+def hold_devices(ctx: RunContext, name: str, count: int = 1) -> Iterator[tuple[int, ...]]:
+    """`count` devices of this machine for the block (see tasks/slots.py); yields their CUDA indices.
+
+    On one machine the lock files are the truth: they give concrete, disjoint device indices, and the kernel frees
+    them the moment a holder dies. Against a Prefect server we take a lease on its limit too, first (always in that
+    order, so two holders never wait on each other crosswise): it shows the machine's occupancy in the Prefect UI
+    and queues runs whose processes do not share a state folder, and since a lease that is not renewed expires
+    (LEASE_S), a dead holder's slot returns within about a minute there as well. With Prefect's ephemeral API
+    there is no lease: its leases live in the API process's memory, so the slot count of a run killed together
+    with its API would never come back (the bug this replaces)."""
+    from contextlib import ExitStack
+
+    holder = {"run": ctx.run_name, "stage": name}
+    with ExitStack() as stack:
+        if ctx.leases:
+            stack.enter_context(_lease(ctx, name, count if ctx.inventory else 1))
+        devices = stack.enter_context(slots.Slots(ctx.slot_dir, ctx.inventory).hold(
+            count, holder, timeout_s=ctx.slot_timeout_s, log=_log, stop=INTERRUPTED))
+        if devices:
+            import torch
+
+            if torch.cuda.is_available():  # "cuda" in this thread now means this stage's first device
+                torch.cuda.set_device(devices[0])
+        yield devices
+
+
+@contextmanager
+def _lease(ctx: RunContext, name: str, occupy: int) -> Iterator[None]:
+    """A renewed lease of `occupy` slots on the Prefect server's limit `ctx.slot`, waiting (and saying so every 30 s)
+    up to `ctx.slot_timeout_s`."""
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+    from prefect.concurrency.sync import concurrency
+
+    task_run = TaskRunContext.get()
+    holder = ConcurrencyLeaseHolder(type="task_run", id=task_run.task_run.id) if task_run else None
+    start, acquired = time.monotonic(), False
+    while True:
+        try:
+            with concurrency(ctx.slot, occupy=occupy, timeout_seconds=slots.WAIT_LOG_EVERY_S, lease_duration=LEASE_S,
+                             strict=True, holder=holder):
+                acquired = True
+                yield
+            return
+        except TimeoutError:
+            if acquired:  # raised by the stage itself, not by the wait
+                raise
+            if INTERRUPTED.is_set():
+                raise KeyboardInterrupt from None
+            waited = time.monotonic() - start
+            if waited > ctx.slot_timeout_s:
+                raise UserError(f"{name} waited {waited / 60:.0f} min for the Prefect concurrency limit {ctx.slot}: "
+                                "see who holds it in the UI (Concurrency), or raise queue_timeout_min") from None
+            _log(f"{name} waits for {occupy} slot(s) of the Prefect concurrency limit {ctx.slot} "
+                 f"({waited:.0f} s so far)")
 
 
 def stage_params(config: CompressConfig, *fields: str) -> dict:
