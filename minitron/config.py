@@ -154,6 +154,11 @@ class CompressConfig(BaseModel):
                                               "stopped (its last checkpoint stays); empty = no limit.")
     resume: bool = Field(True, description="Reuse stages a previous run of the same config finished (off: "
                          "recompute every stage).")
+    cache_check: Literal["auto", "sha256", "size"] = Field("auto", description="Before a finished stage is "
+                                                           "reused, its checkpoint is checked in the store: manifest "
+                                                           "and sizes always; content by sha256 on a folder store and "
+                                                           "by S3's ETag on S3 (auto), by sha256 everywhere (sha256: "
+                                                           "S3 downloads), or not (size). A bad one is recomputed.")
 
     # --- where results go ---------------------------------------------------------------------------------------
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; empty = local SQLite under "

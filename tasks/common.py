@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -90,8 +91,58 @@ class RunContext:
 
 
 def run_stage(task, config: CompressConfig, ctx: RunContext, *args):
-    """Call a stage task with this run's timeout and cache switch."""
-    return task.with_options(**ctx.task_options)(config, ctx, *args)
+    """Call a stage task with this run's timeout and cache switch (see `stage_options`)."""
+    return task.with_options(**stage_options(task, config, ctx, *args))(config, ctx, *args)
+
+
+def submit_stage(task, config: CompressConfig, ctx: RunContext, *args):
+    """`run_stage`, submitted: a future (mapped candidates run side by side, each on its own devices)."""
+    return task.with_options(**stage_options(task, config, ctx, *args)).submit(config, ctx, *args)
+
+
+def stage_options(task, config: CompressConfig, ctx: RunContext, *args) -> dict:
+    """This run's task options, plus a forced recompute when the stage's cached result points at a checkpoint that
+    fails verification in the store (missing manifest, wrong size or content): a cache hit is trusted only after
+    that. The recomputed stage publishes under this flow run's key, a new URI, and since every later stage's cache
+    key holds its inputs' URIs, everything after it recomputes too."""
+    options = ctx.task_options
+    if not ctx.refresh and (problem := cached_checkpoint_problem(task, config, ctx, args)):
+        _log(f"{task.name}: its cached result is not trusted ({problem}): recomputing {task.name} and every stage "
+             "after it", warning=True)
+        options = {**options, "refresh_cache": True}
+    return options
+
+
+def cached_checkpoint_problem(task, config: CompressConfig, ctx: RunContext, args: tuple) -> str | None:
+    """What is wrong with the checkpoints a cached result of this call points at; None when there is no cached
+    result or its checkpoints verify."""
+    import inspect
+    from types import SimpleNamespace
+
+    from prefect.results import get_result_store
+
+    parameters = inspect.signature(task.fn).bind(config, ctx, *args).arguments
+    key = stage_cache_key(SimpleNamespace(task=task), parameters)  # the key the engine looks the result up by
+    results = get_result_store().update_for_task(task, _sync=True)
+    if not results.exists(key):
+        return None
+    try:
+        result = results.read(key).result
+    except Exception as err:  # an unreadable record: recompute rather than fail
+        return f"unreadable cache record: {type(err).__name__}"
+    store = storage.open_store(ctx.store_uri)
+    for uri in checkpoint_uris(result):
+        try:
+            store.verify(uri, config.cache_check)
+        except UserError as err:
+            return str(err)
+    return None
+
+
+def checkpoint_uris(result) -> list[str]:
+    """The checkpoint URIs a stage result points at: its "uri" (a list result: each item's)."""
+    items = result if isinstance(result, list) else [result]
+    return [r["uri"] for r in items if isinstance(r, dict) and str(r.get("uri", "")).startswith(("s3://", "file://"))]
 
 
 def config_key(config: CompressConfig) -> str:
@@ -120,10 +171,18 @@ def ensure_slot(name: str, inventory: tuple[int, ...]) -> None:
 
 
 def fetch(ctx: RunContext, uri: str) -> Path:
-    """A local, verified copy of a checkpoint (downloaded once per scratch folder; sha256 checked on download)."""
+    """A local, verified copy of a checkpoint (downloaded once per scratch folder; sha256 checked on download, the
+    sizes of a copy downloaded earlier checked again before it is used)."""
+    from minitron.manifest import verify_folder
+
     local = Path(ctx.work_dir) / "cache" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (local / "manifest.json").is_file():
-        storage.open_store(ctx.store_uri).get_folder(uri, local)
+    if (local / "manifest.json").is_file():
+        try:
+            verify_folder(local, sha256=False)
+            return local
+        except UserError:
+            shutil.rmtree(local)
+    storage.open_store(ctx.store_uri).get_folder(uri, local)
     return local
 
 
@@ -187,13 +246,14 @@ def stage(ctx: RunContext, name: str, params: dict | None = None, *, total_token
             yield Stage(ctx, name, run, total_tokens, held)
 
 
-def _log(message: str) -> None:
+def _log(message: str, warning: bool = False) -> None:
     try:
-        get_run_logger().info(message)
+        logger = get_run_logger()
     except Exception:  # outside a Prefect run (tests, scripts)
         import logging
 
-        logging.getLogger(__name__).info(message)
+        logger = logging.getLogger(__name__)
+    (logger.warning if warning else logger.info)(message)
 
 
 @contextmanager

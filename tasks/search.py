@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from prefect import get_run_logger, unmapped
+from prefect import get_run_logger
 
 from minitron.config import CompressConfig, format_count
 from tasks.common import (
@@ -24,6 +24,7 @@ from tasks.common import (
     stage,
     stage_params,
     stage_task,
+    submit_stage,
 )
 
 
@@ -140,7 +141,7 @@ def search_architecture(config: CompressConfig, ctx: RunContext, teacher: dict, 
     """Proxy-rank every shape, distil the top k (mapped tasks), keep the winner. Runs inside the flow."""
     proxied = run_stage(rank_candidates, config, ctx, teacher, scores, target)
     top = [r for r in proxied if r["status"] == "proxied"][: config.search_top_k]
-    futures = distill_candidate.with_options(**ctx.task_options).map(unmapped(config), unmapped(ctx), unmapped(teacher), unmapped(scores), top)
+    futures = [submit_stage(distill_candidate, config, ctx, teacher, scores, row) for row in top]
     distilled = []
     for row, future in zip(top, futures, strict=True):
         future.wait()
