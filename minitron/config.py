@@ -22,6 +22,8 @@ _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 def parse_count(value: str | int | float) -> int:
     """'70M' → 70_000_000, '4.5B' → 4_500_000_000, '2048' → 2048 (parameters or tokens)."""
     if isinstance(value, int | float):
+        if value < 0:
+            raise UserError(f"count {value} is negative: use a number with an optional K/M/B suffix, e.g. 70M")
         return int(value)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgGtT]?)\s*", str(value))
     if not match:

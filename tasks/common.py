@@ -171,18 +171,23 @@ def ensure_slot(name: str, inventory: tuple[int, ...]) -> None:
 
 
 def fetch(ctx: RunContext, uri: str) -> Path:
-    """A local, verified copy of a checkpoint (downloaded once per scratch folder; sha256 checked on download, the
-    sizes of a copy downloaded earlier checked again before it is used)."""
+    """A local, verified copy of a checkpoint in this run's scratch folder (see `local_copy`)."""
+    return local_copy(uri, ctx.work_dir)
+
+
+def local_copy(uri: str, work_dir: str | Path) -> Path:
+    """A local, verified copy of the checkpoint at `uri` (downloaded once per scratch folder; sha256 checked on
+    download, the sizes of a copy downloaded earlier checked again before it is used)."""
     from minitron.manifest import verify_folder
 
-    local = Path(ctx.work_dir) / "cache" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    local = Path(work_dir) / "cache" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if (local / "manifest.json").is_file():
         try:
             verify_folder(local, sha256=False)
             return local
         except UserError:
             shutil.rmtree(local)
-    storage.open_store(ctx.store_uri).get_folder(uri, local)
+    storage.open_store(uri).get_folder("", local)  # a store rooted at the checkpoint: any bucket or folder
     return local
 
 
