@@ -353,7 +353,40 @@ def load_run_model(config: CompressConfig, ref: dict, ctx: RunContext):
 
 
 def stage_task(name: str, **options):
-    """@task with the stage defaults: persisted, cached by `stage_cache_key`, named for the UI."""
+    """@task with the stage defaults: persisted, cached by `stage_cache_key`, named for the UI, and the stage's
+    memory handed back once its function has returned (see `release_memory`)."""
+    import functools
+
     from prefect import task
 
-    return task(name=name, cache_key_fn=stage_cache_key, persist_result=True, **options)
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                release_memory()
+
+        return task(name=name, cache_key_fn=stage_cache_key, persist_result=True, **options)(run)
+
+    return decorate
+
+
+def release_memory() -> None:
+    """Give a finished stage's memory back to the OS. Its models die with the task function's frame, but glibc keeps
+    freed heap pages (each thread has its own arena, and its mmap threshold grows with the largest block freed), so
+    the flow process's RSS would only ever grow, stage after stage: the CPU demo peaked at 10 GB for a 135M teacher."""
+    import ctypes
+    import gc
+    import sys
+
+    gc.collect()  # models in reference cycles (hooks, tied weights) are not freed by refcounting alone
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except AttributeError:  # not glibc (musl)
+            pass
