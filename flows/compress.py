@@ -19,7 +19,14 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed
 
-from flows.environment import artifact_location, quiet_user_errors, state_dir, store_uri, tracking_uri
+from flows.environment import (
+    artifact_location,
+    prepare_tracking,
+    quiet_user_errors,
+    state_dir,
+    store_uri,
+    tracking_uri,
+)
 from flows.preflight import preflight
 from minitron.config import CompressConfig, format_count
 from minitron.errors import UserError
@@ -80,6 +87,7 @@ def _pipeline(config: CompressConfig) -> dict:
     log = get_run_logger()
     plan = preflight(config)  # seconds: bad input fails here, before any model work
     uri = tracking_uri(config.tracking_uri)
+    prepare_tracking(uri)
     experiment = tracking.experiment_name(config.teacher, config.target_params)
     parent = tracking.start_parent_run(
         experiment, flow_run.name or config.name, tracking_uri=uri, artifact_location=artifact_location(uri),

@@ -69,7 +69,9 @@ def quiet_user_errors() -> None:
 
 
 def tracking_uri(configured: str | None) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or embedded_mlflow(state_dir())[0]
+    from tasks.tracking import embedded_tracking
+
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking(state_dir())[0]
 
 
 def artifact_location(tracking: str) -> str | None:
@@ -79,6 +81,12 @@ def artifact_location(tracking: str) -> str | None:
 
     uri, artifacts = embedded_tracking(state_dir())
     return artifacts if tracking == uri else None
+
+
+def prepare_tracking(tracking: str) -> None:
+    """Create the embedded MLflow store's tables (once, under the init lock) before the run's first MLflow call."""
+    if artifact_location(tracking) is not None:
+        _create_embedded_mlflow(tracking, artifact_location(tracking))
 
 
 @contextmanager
@@ -93,16 +101,11 @@ def init_lock(home: Path | None = None) -> Iterator[None]:
 
 
 @cache
-def embedded_mlflow(home: Path) -> tuple[str, str]:
-    """The embedded MLflow store (tracking URI, artifact root), its tables created under the init lock."""
+def _create_embedded_mlflow(uri: str, artifacts: str) -> None:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    from tasks.tracking import embedded_tracking
-
-    uri, artifacts = embedded_tracking(home)
-    with init_lock(home):
-        SqlAlchemyStore(uri, artifacts).engine.dispose()  # creates and migrates the tables, once
-    return uri, artifacts
+    with init_lock():
+        SqlAlchemyStore(uri, artifacts).engine.dispose()  # creates and migrates the tables
 
 
 @contextmanager

@@ -36,8 +36,7 @@ def run_from_cli(config: CompressConfig, args=None) -> int:
             summary = None
             print(f"cancelled: {cancelled}", file=sys.stderr)
     if summary is None:
-        _leave_stragglers()
-        return 130
+        _exit_now(130)
     print()
     print(summary["summary"])
     print()
@@ -49,14 +48,14 @@ def run_from_cli(config: CompressConfig, args=None) -> int:
     return 0
 
 
-def _leave_stragglers() -> None:
-    """Exit now if a stage thread is still busy after the grace period (a long operation between two progress
-    records): its checkpoints are on disk and its devices are freed by the kernel when the process ends."""
+def _exit_now(code: int) -> None:
+    """Leave at once after a cancellation: the run's state is recorded, its logs are sent and its API is stopped,
+    and an interpreter shutting down torch, transformers, MLflow and Prefect takes seconds more (9 s measured on a
+    busy 2-core machine), while stage threads still on their way out hold nothing the kernel does not free."""
     deadline = time.monotonic() + EXIT_GRACE_S
-    for thread in threading.enumerate():
+    for thread in threading.enumerate():  # a stage thread reaches its next stop point within seconds
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join(max(0.0, deadline - time.monotonic()))
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -236,7 +236,9 @@ class LocalStore(Store):
 # -- S3 ------------------------------------------------------------------------------------------------------------
 MULTIPART_THRESHOLD = 64 << 20  # files above this are uploaded in parts ...
 MULTIPART_CHUNK = 64 << 20  # ... of this size: 10k-part limit → up to 640 GB per file
-MAX_ATTEMPTS = 8  # botocore attempts per request (standard mode: exponential backoff with jitter, ≤20 s apart)
+# botocore attempts per request (standard mode: exponential backoff with jitter, ≤20 s apart); AWS_MAX_ATTEMPTS, the
+# variable the AWS tools read, changes it
+MAX_ATTEMPTS = int(os.environ.get("AWS_MAX_ATTEMPTS", 8))
 
 
 def s3_endpoint() -> str | None:
