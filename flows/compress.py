@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed
 
@@ -81,6 +82,9 @@ def compress(config: CompressConfig) -> dict:
         INTERRUPTED.set()
         get_run_logger().warning(INTERRUPTED_MESSAGE)
         return Cancelled(message=INTERRUPTED_MESSAGE)
+    except TerminationSignal:  # cancelled from the UI or API: Prefect records it; our other threads stop as well
+        INTERRUPTED.set()
+        raise
 
 
 def _pipeline(config: CompressConfig) -> dict:
@@ -129,7 +133,7 @@ def _pipeline(config: CompressConfig) -> dict:
         # export: register the final student in MLflow's registry as a pointer to its verified checkpoint
         summary = export_student(config, ctx, original_teacher, pruned, student, report)
     except BaseException as err:
-        parent.terminate("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        parent.terminate("KILLED" if isinstance(err, KeyboardInterrupt | TerminationSignal) else "FAILED")
         raise
     parent.terminate("FINISHED")
     return summary

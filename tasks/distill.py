@@ -31,7 +31,7 @@ def distill_student(config: CompressConfig, ctx: RunContext, teacher: dict, stud
 
     params = {**stage_params(config, *TRAIN_PARAMS), "student": student.get("name"), "student_params":
               student["params"]}
-    with stage(ctx, "distill", params, total_tokens=config.tokens("distill_tokens")) as s:
+    with stage(ctx, "distill", params, total_tokens=config.tokens("distill_tokens"), devices=config.nproc) as s:
         if config.nproc > 1:
             result = _distill_torchrun(config, ctx, teacher, student, s)
         else:

@@ -10,6 +10,7 @@ server and an `mlflow server` (tests/services.py). Budgets are tiny.yaml's, shru
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -24,8 +25,8 @@ from services import FlakyProxy
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
 ROOT = Path(__file__).resolve().parent.parent
-# tiny.yaml, shrunk: one candidate, no evaluation, a distillation of 192 steps with a checkpoint every 20
-SETTINGS = ["evaluate=false", "search_top_k=1", "correction_tokens=4K", "search_tokens=4K", "distill_tokens=96K",
+# tiny.yaml, shrunk: one candidate, no evaluation, a distillation of 128 steps with a checkpoint every 20
+SETTINGS = ["evaluate=false", "search_top_k=1", "correction_tokens=4K", "search_tokens=4K", "distill_tokens=64K",
             "checkpoint_every=20", "eval_every=40", "max_corpus_tokens=100K"]
 DISTILL_LINE = re.compile(r"Task run 'distill-[^']*' - distill step=(\d+)")
 
@@ -37,7 +38,7 @@ class Run:
         self.home, self.log, self.start = home, log, time.monotonic()
         args = [sys.executable, "-m", "minitron.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml")]
         args += [x for kv in SETTINGS for x in ("--set", kv)]
-        self.proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "MINITRON_HOME": str(home), **env},
+        self.proc = subprocess.Popen(args, cwd=home.parent, env={**os.environ, "MINITRON_HOME": str(home), **env},
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
@@ -128,11 +129,12 @@ def test_sigkill_mid_distillation_then_corruption_on_the_folder_store(reference,
 
     sources = registered_sources(f"sqlite:///{home / 'mlflow.db'}")
     assert sources.count(final) == 1 and final2 in sources  # the flipped one was never registered again
+    assert not (tmp_path / "mlruns").exists()  # MLflow's artifacts live under MINITRON_HOME, not where we ran
     for source in set(sources) - {final}:  # and every other version points at bytes that verify
         open_store(home / "checkpoints").verify(source, "sha256")
 
 
-def test_s3_outage_sigint_and_an_emptied_bucket(reference, tmp_path, s3_env, mlflow_server):
+def test_s3_outage_sigint_and_an_emptied_bucket(reference, tmp_path, s3_env, mlflow_server, capsys):
     s3 = s3_env.client()
     prefix = f"crash-{os.getpid()}"
     env = {"MLFLOW_TRACKING_URI": mlflow_server.url, "MINITRON_CHECKPOINT_STORE": f"s3://{s3_env.checkpoint_bucket}/"
@@ -192,6 +194,15 @@ def test_s3_outage_sigint_and_an_emptied_bucket(reference, tmp_path, s3_env, mlf
     assert sha_of(final3, s3) == reference
     sources = registered_sources(mlflow_server.url)
     assert sources.count(final2) == 1 and final3 in sources
+
+    # the URIs the run prints are model specs: fetched from S3 and verified against their manifest
+    from minitron.cli import main
+
+    capsys.readouterr()
+    assert main(["info", final3, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] > 0
+    assert main(["info", final2]) == 2
+    assert "model.safetensors: sha256 mismatch" in capsys.readouterr().err
 
 
 def _processes() -> list[str]:

@@ -1,7 +1,8 @@
 """Two first runs on an empty MINITRON_HOME, started at the same moment, 10 times: neither fails. Each process goes
 through the start-up path of `minitron run` (the embedded Prefect API, which creates and migrates its database, and
-the embedded MLflow store, which creates its tables) and records a flow run; without the home's init lock they
-raced ("table registered_models already exists", "duplicate column name ... Application startup failed")."""
+the embedded MLflow store, which creates its tables); without the home's init lock they raced ("table
+registered_models already exists", "duplicate column name ... Application startup failed"). The stages after the
+start-up are the crash tests' business: 20 whole runs would cost minutes of CI."""
 
 from __future__ import annotations
 
@@ -16,18 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 START = """
 from flows.environment import use_embedded_defaults
 use_embedded_defaults()
-from prefect import flow
+from prefect.client.orchestration import get_client
 from flows.environment import embedded_api, prepare_tracking, tracking_uri
-from tasks.tracking import start_parent_run
-
-@flow
-def first_run() -> str:
-    uri = tracking_uri(None)
-    prepare_tracking(uri)
-    return start_parent_run("first runs", "run", tracking_uri=uri).run_id
 
 with embedded_api():
-    print("run", first_run())
+    prepare_tracking(tracking_uri(None))
+    with get_client(sync_client=True) as client:
+        print("api", client.api_healthcheck() is None)
 """
 
 
@@ -40,6 +36,4 @@ def test_two_first_runs_on_an_empty_home_never_race(tmp_path):
                                   stderr=subprocess.STDOUT, text=True) for _ in range(2)]
         outputs = [p.communicate(timeout=300)[0] for p in procs]
         for proc, out in zip(procs, outputs, strict=True):
-            assert proc.returncode == 0 and "\nrun " in f"\n{out}", f"attempt {attempt}:\n{out[-3000:]}"
-        assert not list(Path.cwd().glob("mlruns"))  # MLflow's artifacts stay under the home
-        assert not (ROOT / "mlruns").exists()
+            assert proc.returncode == 0 and "api True" in out, f"attempt {attempt}:\n{out[-3000:]}"
