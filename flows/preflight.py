@@ -90,6 +90,10 @@ def preflight(config: CompressConfig) -> Plan:
             raise UserError(f"{field} = {getattr(config, field)} is less than one optimizer step "
                             f"({tokens_per_step} tokens = batch_size x grad_accum x seq_len)")
     check_corpus(config, teacher)
+    if config.backend == "ray":  # last: joining a cluster takes seconds; it must answer, take our token and fit
+        from tasks.ray_cluster import check_cluster
+
+        check_cluster(config, {"each training stage": config.nproc})
     return Plan(teacher_ref={"uri": config.teacher, "params": teacher_params}, teacher_params=teacher_params,
                 steps=tuple(steps))
 
@@ -101,6 +105,8 @@ def check_devices(config: CompressConfig) -> None:
 
     from minitron.models import resolve_device
 
+    if config.backend == "ray":  # the cluster check (last in preflight) sizes a Ray run
+        return
     device = resolve_device(config.device)  # device=cuda without a GPU: one line
     if config.nproc == 1:
         return
@@ -126,29 +132,40 @@ def local_teacher(config: CompressConfig) -> str:
 
 
 def check_corpus(config: CompressConfig, teacher: str) -> None:
-    """The corpus is text the teacher's tokenizer reads (minitron/textcheck.py) and holds at least one batch, one
-    validation block and the calibration samples. A hub dataset is left to its first stage (it streams)."""
-    from minitron.data import iter_documents
-    from minitron.models import load_tokenizer
+    """The corpus is text the teacher's tokenizer reads (minitron/textcheck.py) and has at least the tokens the run
+    needs: the calibration samples or one batch for training, whichever is more, plus one validation block per
+    process. Counting stops as soon as that many are seen, so a big corpus costs no more than a small one; building
+    its token store is the tokenize stage's work. A hub dataset is left to that stage (it streams)."""
+    from minitron.config import parse_count
+    from minitron.data import DOC_CHARS, iter_documents, load_tokenizer
     from minitron.textcheck import check_text, sample_text
-    from tasks.common import load_run_data
 
     if config.data != "shakespeare" and not Path(config.data).expanduser().exists():
         return
     where = f"data '{config.data}'"
-    tokenizer = load_tokenizer(teacher, trust_remote_code=config.trust_remote_code)
-    documents = iter_documents(config.data, hf_config=config.data_config, hf_split=config.data_split,
-                               text_field=config.text_field)
-    check_text(sample_text(documents), tokenizer, where)
-    data = load_run_data(config, tokenizer)  # cached: the stages read these blocks in milliseconds
-    if len(data.train) < config.batch_size * config.nproc:
-        raise UserError(f"{where} gives {len(data.train)} training blocks of seq_len {config.seq_len} tokens, fewer "
-                        f"than one batch (batch_size {config.batch_size} x nproc {config.nproc}): lower batch_size or "
-                        "seq_len, or add text")
-    if len(data.val) < config.nproc:
-        raise UserError(f"{where} leaves no validation block of seq_len {config.seq_len} tokens: raise val_fraction "
-                        "or lower seq_len, or add text")
-    calib_len = config.calib_seq_len or config.seq_len
-    if data.train.numel() // calib_len < config.calib_samples:
-        raise UserError(f"{where} has {data.train.numel() // calib_len} training sequences of {calib_len} tokens, "
-                        f"fewer than calib_samples {config.calib_samples}: lower calib_samples or add text")
+    tokenizer = load_tokenizer(teacher)
+
+    def documents():
+        return iter_documents(config.data, hf_config=config.data_config, hf_split=config.data_split,
+                              text_field=config.text_field)
+
+    check_text(sample_text(documents()), tokenizer, where)
+    calib = config.calib_samples * (config.calib_seq_len or config.seq_len)
+    need = max(calib, config.batch_size * config.nproc * config.seq_len) + config.nproc * config.seq_len
+    cap = parse_count(config.max_corpus_tokens) if config.max_corpus_tokens else None
+    tokens = docs = 0
+    for doc in documents():
+        tokens += len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + 1  # + EOS between documents
+        docs += 1
+        if tokens >= need and docs >= 2 or (cap and tokens >= cap):
+            break
+    capped = bool(cap and tokens >= cap)
+    reading = f"max_corpus_tokens {config.max_corpus_tokens} reads" if capped else "it holds"
+    if tokens < need:
+        raise UserError(f"{where}: {reading} {tokens:,} tokens, fewer than the {need:,} this run needs (calib_samples "
+                        "x calib_seq_len, or one batch of batch_size x nproc x seq_len, plus a validation block per "
+                        "process): add text, or lower calib_samples, batch_size or seq_len")
+    if docs < 2:
+        raise UserError(f"{where}: {reading} {docs} document, but the document-level train/validation split needs at "
+                        f"least 2 (a .txt file is cut at blank lines into documents of up to {DOC_CHARS:,} "
+                        f"characters): {'raise max_corpus_tokens' if capped else 'add text'}")

@@ -3,16 +3,19 @@
   s3       moto server: an in-memory S3 endpoint (data does NOT survive `stack down`; compose has a real store)
   mlflow   `mlflow server`, SQLite backend, artifacts proxied to s3://minitron-artifacts/mlflow, basic-auth app
   prefect  `prefect server start`, SQLite under PREFECT_HOME, basic auth
+  ray      with --ray: `ray start --head`, token authentication on, dashboard + jobs API on the stack's host
 
 Everything lives under one state folder (default `.minitron/stack` in the cwd, or $MINITRON_HOME): logs, PID files,
 PREFECT_HOME, the MLflow and auth databases, and `.env` with the credentials (generated on the first `up`, printed
 once, mode 0600; variables already in the environment win). The names of buckets, ports and environment variables
 are the ones docker-compose.yml uses, so a client configured for one works against the other.
 
-Services run in their own process group and are stopped by PID: SIGINT, a grace period, then SIGKILL of the group.
+Services run in their own process group and are stopped by PID: SIGINT (SIGTERM for Ray), a grace period, then
+SIGKILL of the group.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import secrets
@@ -20,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -33,8 +37,12 @@ ARTIFACT_BUCKET = "minitron-artifacts"  # MLflow artifacts (plots, tables, confi
 CHECKPOINT_BUCKET = "minitron-checkpoints"  # model checkpoints written by tasks/storage.py
 CHECKPOINT_STORE = f"s3://{CHECKPOINT_BUCKET}/runs"
 DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "prefect": 4200}  # same as docker-compose.yml
+RAY_PORTS = {"ray": 6379, "ray-dashboard": 8265}  # GCS (nodes and drivers join it), dashboard + jobs API; as compose
 START_TIMEOUT = 120.0  # seconds a service may take to pass its health check (Prefect migrates its DB on first run)
 STOP_GRACE = 15.0  # seconds between SIGINT and SIGKILL
+# Services stopped otherwise: Ray's processes exit on SIGTERM (what `ray stop` sends); `ray start --block` and the
+# GCS linger for half a minute after it, and a head has nothing to save (cluster state lives in memory).
+STOP_SIGNAL = {"ray": (signal.SIGTERM, 5.0)}
 
 # Credentials: name → how to generate a default. Clients and servers read the same variable names in compose.
 SECRET_NAMES = (
@@ -43,6 +51,7 @@ SECRET_NAMES = (
     "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
     "PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING",
     "POSTGRES_PASSWORD",
+    "RAY_AUTH_TOKEN",
 )
 
 
@@ -64,6 +73,7 @@ def _generate_credentials() -> dict[str, str]:
         "PREFECT_SERVER_API_AUTH_STRING": f"admin:{prefect_pw}",
         "PREFECT_API_AUTH_STRING": f"admin:{prefect_pw}",
         "POSTGRES_PASSWORD": secrets.token_urlsafe(18),  # only docker-compose uses it; kept so one .env serves both
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),  # 256 bits, the form `ray get-auth-token --generate` writes
     }
 
 
@@ -133,6 +143,7 @@ class Proc:
     start: str | None = None
     log: str = ""
     popen: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+    address: str = ""  # a non-HTTP endpoint clients join (the Ray head's GCS host:port)
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -152,7 +163,7 @@ class Proc:
 
     def record(self) -> dict:
         return {"name": self.name, "pid": self.pid, "url": self.url, "health": self.health, "start": self.start,
-                "log": self.log}
+                "log": self.log, "address": self.address}
 
 
 def spawn(name: str, cmd: list[str], env: dict[str, str], state: Path, url: str, health: str) -> Proc:
@@ -210,7 +221,8 @@ def stop(proc: Proc, grace: float = STOP_GRACE) -> None:
         pgid = os.getpgid(proc.pid)
     except ProcessLookupError:
         return
-    os.killpg(pgid, signal.SIGINT)
+    sig, grace = STOP_SIGNAL.get(proc.name, (signal.SIGINT, grace))
+    os.killpg(pgid, sig)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         if proc.popen is not None:
@@ -222,8 +234,21 @@ def stop(proc: Proc, grace: float = STOP_GRACE) -> None:
         os.killpg(pgid, signal.SIGKILL)  # stragglers in the group (workers) even when the leader exited
     except ProcessLookupError:
         pass
+    if pgid == proc.pid:  # spawn() made it a session leader: what left the group (Ray's workers) is still in it
+        _kill_session(proc.pid)
     if proc.popen is not None:
         proc.popen.wait(timeout=5)
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (Ray's workers each take a process group of their own)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, fields = int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
 
 
 # -- the three services ------------------------------------------------------------------------------------------
@@ -313,8 +338,76 @@ LEASE_ENV = {
 }
 
 
+# -- the Ray head (--ray) ------------------------------------------------------------------------------------------
+# Token authentication (Ray >= 2.52): with RAY_AUTH_MODE=token every gRPC call between Ray processes and every
+# dashboard / jobs API request must carry the cluster's token. Ray reads it from RAY_AUTH_TOKEN, else the file named
+# by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token; we pass RAY_AUTH_TOKEN from the stack's 0600 .env and never write
+# ~/.ray. HTTP clients send it as `Authorization: Bearer <token>`; without it the dashboard answers 401, with a
+# wrong one 403. Ray's own gRPC ports (GCS, raylet, object manager) listen on every interface by Ray's design (it
+# rewrites 127.0.0.1 to the node's IP so other nodes can join): the token is what guards them. The dashboard and
+# jobs API, which run code for whoever reaches them, bind to the stack's host (127.0.0.1 by default).
+RAY_AUTH = {"RAY_AUTH_MODE": "token"}  # plus RAY_AUTH_TOKEN (a secret)
+RAY_ENV_DROP = ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_API_SERVER_ADDRESS")  # a head joins nothing
+
+
+def ray_temp_dir(state: Path) -> Path:
+    """Ray's session folder (sockets, logs) for a state folder: short, under /tmp, because Ray's unix sockets live
+    inside it and a socket path must stay under 108 bytes, which a state folder deep in a home or pytest path
+    exceeds."""
+    return Path(tempfile.gettempdir()) / f"minitron-ray-{hashlib.sha256(str(state).encode()).hexdigest()[:10]}"
+
+
+def start_ray(state: Path, host: str, port: int, dashboard_port: int, token: str, *, num_cpus: int | None = None,
+              num_gpus: int | None = None, object_store_bytes: int | None = None) -> Proc:
+    """`ray start --head --block` in its own process group: the GCS on `port` (what nodes and drivers join), the
+    dashboard and jobs API on host:dashboard_port, token authentication on. CPUs and GPUs default to what Ray
+    detects on this machine; the object store to Ray's default (checkpoints never travel through it)."""
+    env = {k: v for k, v in _base_env({**RAY_AUTH, "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}).items()
+           if k not in RAY_ENV_DROP}
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats",
+           "--port", str(port), "--dashboard-host", host, "--dashboard-port", str(dashboard_port),
+           "--temp-dir", str(ray_temp_dir(state)),
+           # ports Ray would otherwise take at fixed defaults (10001, 52365): free ones, so two heads can coexist
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port())]
+    for flag, value in (("--num-cpus", num_cpus), ("--num-gpus", num_gpus), ("--object-store-memory", object_store_bytes)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    url = f"http://{_client_host(host)}:{dashboard_port}"
+    proc = spawn("ray", cmd, env, state, url, f"{url}/api/gcs_healthz")  # the health probe is open, like Prefect's
+    proc.address = f"127.0.0.1:{port}"
+    return proc
+
+
+def ray_client_env(proc: Proc, token: str | None = None) -> dict[str, str]:
+    """What a driver (`minitron run` with backend: ray, `ray job submit`) exports to use the head; the token only
+    when given."""
+    env = {"RAY_ADDRESS": proc.address, "RAY_API_SERVER_ADDRESS": proc.url, **RAY_AUTH}
+    if token:
+        env["RAY_AUTH_TOKEN"] = token
+    return env
+
+
+def bearer_header(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def ray_summary(proc: Proc, token: str) -> str:
+    """'2 nodes alive: 16 CPU, 8 GPU' from the head's state API (which needs the token), or why not."""
+    request = urllib.request.Request(f"{proc.url}/api/v0/nodes", headers=bearer_header(token))
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            nodes = json.loads(response.read())["data"]["result"]["result"]
+    except urllib.error.HTTPError as e:
+        return f"the head refused the token in .env (HTTP {e.code})"
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        return "node list unavailable"
+    alive = [n for n in nodes if n.get("state") == "ALIVE"]
+    total = {k: sum(n.get("resources_total", {}).get(k, 0) for n in alive) for k in ("CPU", "GPU")}
+    return f"{len(alive)} node{'s' * (len(alive) != 1)} alive: {total['CPU']:g} CPU, {total['GPU']:g} GPU"
+
+
 # -- up / down / status --------------------------------------------------------------------------------------------
-ORDER = ("s3", "mlflow", "prefect")  # start order; stop goes in reverse
+ORDER = ("s3", "mlflow", "prefect", "ray")  # start order (ray only with --ray); stop goes in reverse
 
 
 def _pid_dir(state: Path) -> Path:
@@ -327,7 +420,8 @@ def _load_procs(state: Path) -> dict[str, Proc]:
         path = _pid_dir(state) / f"{name}.json"
         if path.is_file():
             rec = json.loads(path.read_text())
-            procs[name] = Proc(rec["name"], rec["pid"], rec["url"], rec["health"], rec.get("start"), rec.get("log", ""))
+            procs[name] = Proc(rec["name"], rec["pid"], rec["url"], rec["health"], rec.get("start"), rec.get("log", ""),
+                               address=rec.get("address", ""))
     return procs
 
 
@@ -361,21 +455,27 @@ class Stack:
 
 
 def stack_up(state: str | Path | None = None, *, host: str = "127.0.0.1", ports: dict[str, int] | None = None,
-             timeout: float = START_TIMEOUT, out=print) -> Stack:
-    """Start s3 → buckets → mlflow + prefect (in parallel), wait for health; on any failure stop what started.
-    When some services of the stack in `state` still run, only the dead ones are started again, on their recorded
-    ports (so clients keep their environment); the S3 endpoint comes back empty (moto) with its buckets."""
+             timeout: float = START_TIMEOUT, out=print, ray: bool = False) -> Stack:
+    """Start s3 → buckets → mlflow + prefect (+ the Ray head with `ray`) in parallel, wait for health; on any
+    failure stop what started. When some services of the stack in `state` still run, only the dead ones are started
+    again, on their recorded ports (so clients keep their environment); the S3 endpoint comes back empty (moto),
+    with its buckets."""
     state = state_dir(state)
     state.mkdir(parents=True, exist_ok=True)
     recorded = _load_procs(state)
     running = {n: p for n, p in recorded.items() if p.alive()}
-    if running and len(running) == len(ORDER):
+    ray = ray or "ray" in recorded
+    wanted = [n for n in ORDER if n != "ray" or ray]
+    if running and all(n in running for n in wanted):
         raise UserError(f"the stack in {state} is already running ({', '.join(running)}): `minitron stack down` first")
-    ports = {**DEFAULT_PORTS, **(ports or {})}
+    ports = {**DEFAULT_PORTS, **(RAY_PORTS if ray else {}), **(ports or {})}
     if running:  # a partial stack: restart the dead services where they were
-        ports.update({n: int(p.url.rsplit(":", 1)[1]) for n, p in recorded.items()})
-    for name in ORDER:
-        if name not in running and not _port_free(host, ports[name]):
+        for name, proc in recorded.items():
+            ports["ray-dashboard" if name == "ray" else name] = int(proc.url.rsplit(":", 1)[1])
+            if proc.address:
+                ports["ray"] = int(proc.address.rsplit(":", 1)[1])
+    for name in [*DEFAULT_PORTS, *(RAY_PORTS if ray else ())]:
+        if ("ray" if name.startswith("ray") else name) not in running and not _port_free(host, ports[name]):
             raise UserError(f"port {ports[name]} on {host} ({name}) is in use: stop what holds it or pick another port")
     creds, generated = load_credentials(state)
     if generated:  # shown now, whatever happens next: this is the only time they are printed
@@ -397,6 +497,8 @@ def stack_up(state: str | Path | None = None, *, host: str = "127.0.0.1", ports:
             later.append(start_mlflow(state, host, ports["mlflow"], s3.url, creds))
         if "prefect" not in running:
             later.append(start_prefect(state, host, ports["prefect"], creds))
+        if ray and "ray" not in running:
+            later.append(start_ray(state, host, ports["ray"], ports["ray-dashboard"], creds["RAY_AUTH_TOKEN"]))
         for proc in later:
             started.append(proc)
             _save(state, proc)
@@ -407,17 +509,25 @@ def stack_up(state: str | Path | None = None, *, host: str = "127.0.0.1", ports:
             (_pid_dir(state) / f"{proc.name}.json").unlink(missing_ok=True)
         raise
     procs = {**running, **{p.name: p for p in started}}
-    procs = {n: procs[n] for n in ORDER}
+    procs = {n: procs[n] for n in ORDER if n in procs}
     urls = {n: p.url for n, p in procs.items()}
+    urls.pop("ray", None)
     env = client_env(urls, creds)
-    (state / "client.env").write_text("".join(f"export {k}={v}\n" for k, v in client_env(urls).items()))
+    public = client_env(urls)
+    if ray:
+        env.update(ray_client_env(procs["ray"], creds["RAY_AUTH_TOKEN"]))
+        public.update(ray_client_env(procs["ray"]))
+    (state / "client.env").write_text("".join(f"export {k}={v}\n" for k, v in public.items()))
     if running:
         out(f"restarted: {', '.join(p.name for p in started)} (still running: {', '.join(running)})")
     out(f"stack up in {state}")
     for name, proc in procs.items():
         out(f"  {name:8s} {proc.url}  (pid {proc.pid}, log {proc.log})")
+        if proc.address:
+            out(f"  {'':8s} head {proc.address}  (nodes join: RAY_AUTH_MODE=token RAY_AUTH_TOKEN=... ray start "
+                f"--address <this host's IP>:{proc.address.rsplit(':', 1)[1]})")
     out("environment for clients:")
-    for key, value in client_env(urls).items():
+    for key, value in public.items():
         out(f"  export {key}={value}")
     out(f"  set -a; . {state / '.env'}; set +a   # credentials")
     return Stack(state, procs, env, generated)
@@ -449,6 +559,11 @@ def stack_status(state: str | Path | None = None, *, out=print) -> dict[str, dic
         healthy = alive and http_status(proc.health, timeout=2) == 200
         report[name] = {"running": alive, "healthy": healthy, "url": proc.url, "pid": proc.pid}
         out(f"  {name:8s} {'healthy' if healthy else 'running' if alive else 'stopped'}  {proc.url}  pid {proc.pid}")
+        if proc.address:
+            report[name]["address"] = proc.address
+            nodes = ray_summary(proc, load_credentials(state, create=False)[0]["RAY_AUTH_TOKEN"]) if healthy else ""
+            report[name]["nodes"] = nodes
+            out(f"  {'':8s} head {proc.address}" + (f"  {nodes}" if nodes else ""))
     if not report:
         out(f"no stack recorded in {state}")
     return report
@@ -464,12 +579,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but 127.0.0.1 exposes the stack")
     for name, port in DEFAULT_PORTS.items():
         parser.add_argument(f"--{name}-port", type=int, default=port, help=f"{name} port (default {port})")
+    parser.add_argument("--ray", action="store_true", help="up: also start a Ray head (token auth on) for "
+                        "backend: ray")
+    for name, port in RAY_PORTS.items():
+        parser.add_argument(f"--{name}-port", type=int, default=port, help=f"with --ray: {name} port (default {port})")
 
 
 def run_stack(args: argparse.Namespace) -> int:
     if args.action == "up":
-        ports = {name: getattr(args, f"{name}_port") for name in DEFAULT_PORTS}
-        stack_up(args.state, host=args.host, ports=ports)
+        ports = {name: getattr(args, f"{name.replace('-', '_')}_port") for name in [*DEFAULT_PORTS, *RAY_PORTS]}
+        stack_up(args.state, host=args.host, ports=ports, ray=args.ray)
     elif args.action == "down":
         stack_down(args.state)
     else:

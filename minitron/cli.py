@@ -13,7 +13,7 @@ import sys
 from minitron.errors import UserError
 
 # Order = order in `minitron --help`: pipeline stages first, then planning and operations.
-COMMANDS = ("info", "data", "importance", "prune", "candidates", "search", "correct-teacher", "distill", "evaluate", "run", "serve", "stack")
+COMMANDS = ("info", "data", "tokenize", "importance", "prune", "candidates", "search", "correct-teacher", "distill", "evaluate", "run", "serve", "stack")
 
 
 def build_parser() -> argparse.ArgumentParser:

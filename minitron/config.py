@@ -49,6 +49,8 @@ Count = str  # a count with an optional K/M/B suffix; validated by parse_count
 
 # One step of `target_shapes`: dash-separated parts in any order, each a letter code and a number (L32-H3072-A24-KV8).
 SHAPE_SPEC = re.compile(r"(?:(?:L|H|F|A|KV)\d+)(?:-(?:L|H|F|A|KV)\d+)*")
+# A Ray head as ray.init() takes it: host:port of the GCS (10.0.0.5:6379, ray-head:6379) or a Ray Client URL.
+RAY_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9._-]+:\d{1,5}$")
 
 
 class CompressConfig(BaseModel):
@@ -76,6 +78,9 @@ class CompressConfig(BaseModel):
                                 "(document-level, deterministic).")
     max_corpus_tokens: Count | None = Field(None, description="Read at most this many corpus tokens (e.g. 20M); "
                                             "empty reads all.")
+    token_store: str | None = Field(None, description="Where tokenised corpora are kept, one store per corpus and "
+                                    "tokenizer, shared by every stage and later runs: a folder or "
+                                    "s3://bucket/prefix (for several nodes); empty = the cache folder.")
     seq_len: int = Field(1024, ge=16, le=131072, description="Tokens per training/validation sequence.")
 
     # --- importance (stage 2) ----------------------------------------------------------------------------------
@@ -150,6 +155,14 @@ class CompressConfig(BaseModel):
                                            "far less activation memory for ~1/3 more student compute (8B-class "
                                            "students at long sequences need it).")
     nproc: int = Field(1, ge=1, description="GPUs per distillation: >1 runs it under torchrun.")
+    backend: Literal["local", "ray"] = Field("local", description="Where training stages and mapped work run: "
+                                             "local (this machine: in-process or torchrun) or ray (a Ray "
+                                             "cluster: Ray Train jobs across nodes, Ray tasks for candidates and "
+                                             "evaluations).")
+    ray_address: str | None = Field(None, pattern=RAY_ADDRESS.pattern, description="backend ray: the cluster's "
+                                    "head, host:port (GCS) or ray://host:port; empty = $RAY_ADDRESS (`minitron "
+                                    "stack up --ray` prints it), else start or join a local cluster. The token "
+                                    "comes from RAY_AUTH_TOKEN.")
     queue_timeout_min: int = Field(720, ge=1, description="Minutes a stage waits for this machine's GPU (or CPU) "
                                    "while another run holds it, before failing.")
     stage_timeout_hours: float | None = Field(None, gt=0, description="A stage running longer than this is "
@@ -203,6 +216,14 @@ class CompressConfig(BaseModel):
                 if not SHAPE_SPEC.fullmatch(step.strip()):
                     raise ValueError(f"cannot read shape '{step.strip()}': use dash-separated parts L<layers>, "
                                      "H<hidden>, F<ffn>, A<query heads>, KV<kv groups>, e.g. L32-H3072-F9216-A24-KV8")
+        return v
+
+    @field_validator("ray_address", mode="before")
+    @classmethod
+    def _ray_address(cls, v):
+        if v is not None and not RAY_ADDRESS.fullmatch(str(v)):
+            raise ValueError(f"'{v}' is not a Ray head address: use host:port of its GCS (10.0.0.5:6379) or "
+                             "ray://host:port, or leave it empty")
         return v
 
     @model_validator(mode="after")

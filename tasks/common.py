@@ -106,6 +106,8 @@ def stage_options(task, config: CompressConfig, ctx: RunContext, *args) -> dict:
     that. The recomputed stage publishes under this flow run's key, a new URI, and since every later stage's cache
     key holds its inputs' URIs, everything after it recomputes too."""
     options = ctx.task_options
+    if task.cache_key_fn is not stage_cache_key:  # not cached by its inputs (tokenize: the store is its own cache)
+        return options
     if not ctx.refresh and (problem := cached_checkpoint_problem(task, config, ctx, args)):
         _log(f"{task.name}: its cached result is not trusted ({problem}): recomputing {task.name} and every stage "
              "after it", warning=True)
@@ -327,15 +329,17 @@ def scratch_root() -> Path:
     return Path(os.environ.get("MINITRON_WORK", Path(".minitron") / "work")).resolve()
 
 
-def load_run_data(config: CompressConfig, tokenizer, seq_len: int | None = None):
-    """The run's corpus as packed blocks (cached on disk, so every stage after the first reads it in ms)."""
+def load_run_data(config: CompressConfig, tokenizer, seq_len: int | None = None, progress=None):
+    """The run's corpus as blocks read from its token store (built once by the tokenize stage, or here on first
+    use; `progress` receives the build's records)."""
     from minitron.config import parse_count
     from minitron.data import load_token_data
 
     return load_token_data(
         config.data, tokenizer, seq_len or config.seq_len, val_fraction=config.val_fraction, seed=config.seed,
         hf_config=config.data_config, hf_split=config.data_split, text_field=config.text_field,
-        max_tokens=parse_count(config.max_corpus_tokens) if config.max_corpus_tokens else None)
+        max_tokens=parse_count(config.max_corpus_tokens) if config.max_corpus_tokens else None,
+        store=config.token_store, progress=progress)
 
 
 def model_spec(ctx: RunContext, ref: dict) -> str:

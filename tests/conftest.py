@@ -73,6 +73,19 @@ def smollm2():
 
 
 @pytest.fixture
+def own_token_cache(tmp_path, monkeypatch):
+    """Token stores in this test's own cache; converted models and the Shakespeare texts stay shared."""
+    from minitron.models import cache_dir
+
+    shared = cache_dir()
+    monkeypatch.setenv("MINITRON_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    for name in ("models", "data"):
+        if (shared / name).exists():
+            (tmp_path / "cache" / name).symlink_to(shared / name)
+
+
+@pytest.fixture
 def text_corpus(tmp_path) -> Path:
     """A small folder of .txt documents (distinct, deterministic text)."""
     folder = tmp_path / "corpus"

@@ -1,10 +1,13 @@
-"""Session fixtures that start REAL local services on free ports: a moto S3 server and an `mlflow server`.
+"""Fixtures that start REAL local services on free ports: a moto S3 server and an `mlflow server` (per session), a
+Ray head with token auth (per module: `ray_cluster`, `ray_driver`).
 
 Plugged in from tests/conftest.py with `pytest_plugins = ["tests.services"]`. They reuse the start-up code of the
 local stack (infra/stack.py), so the tests exercise the same commands users run.
 """
 
 import os
+import secrets
+import shutil
 import socket
 import threading
 import time
@@ -168,3 +171,59 @@ class FlakyProxy:
                     s.close()
                 except OSError:
                     pass
+
+
+# -- a local Ray cluster -------------------------------------------------------------------------------------------
+RAY_TOKEN = secrets.token_hex(32)  # one per test session: Ray caches the token per process, so every cluster shares it
+RAY_CPUS = 2  # two workers' worth: two candidates, or a 2-worker Ray Train job (CPU, gloo)
+
+
+@dataclass
+class RayCluster:
+    address: str  # the head's GCS, host:port: what ray.init, `ray_address` and other nodes join
+    dashboard: str  # dashboard, jobs and state API (token required)
+    token: str
+    proc: stack.Proc
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a driver or a `minitron run` subprocess exports to use this cluster (token included)."""
+        return stack.ray_client_env(self.proc, self.token)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A real Ray head for one test module, started by the stack's own code (`minitron stack up --ray`): token auth
+    on, RAY_CPUS CPUs, no GPU, a small object store (checkpoints never travel through it). Keep a module's Ray tests
+    together: the start costs ~10 s. This process is not connected; `ray_driver` connects it."""
+    state = tmp_path_factory.mktemp("ray")
+    proc = stack.start_ray(state, "127.0.0.1", stack.free_port(), stack.free_port(), RAY_TOKEN, num_cpus=RAY_CPUS,
+                           num_gpus=0, object_store_bytes=128 * 2**20)
+    try:
+        stack.wait_healthy([proc], timeout=120)
+        yield RayCluster(proc.address, proc.url, RAY_TOKEN, proc)
+    finally:
+        stack.stop(proc)
+        shutil.rmtree(stack.ray_temp_dir(state), ignore_errors=True)  # Ray's session logs, outside pytest's tmp
+
+
+@pytest.fixture(scope="module")
+def ray_driver(ray_cluster):
+    """This test process joined to `ray_cluster` as a driver, the way tasks/ray_cluster.py joins (token from the
+    environment); disconnected and the environment restored at the end of the module."""
+    saved = {k: os.environ.get(k) for k in ray_cluster.env}
+    os.environ.update(ray_cluster.env)  # before ray is imported: it reads RAY_AUTH_MODE once
+    import ray
+
+    from tasks.ray_cluster import connect
+
+    try:
+        connect(ray_cluster.address)
+        yield ray
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -29,6 +29,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("bad")
     (d / "empty.txt").write_text("")
     (d / "short.txt").write_text("hello world\n")
+    (d / "one-document.txt").write_text("word " * 2000)  # one paragraph: one document
     (d / "random.txt").write_bytes(random.Random(0).randbytes(200_000))
     (d / "numbers.txt").write_text("\n\n".join(" ".join(str(i * j) for j in range(40)) for i in range(400)))
     (d / "chinese.txt").write_text("\n\n".join("机器学习是人工智能的一个分支，它使计算机能够从数据中学习。" * 20
@@ -98,7 +99,10 @@ RUN_CASES = [
     ("cuda-without-gpu", {"device": "cuda"}, r"no CUDA GPU is visible: set device to cpu or auto"),
     ("nproc-over-visible-gpus", {"nproc": 4}, r"nproc 4 needs 4 GPUs but none is visible here: set nproc to 1"),
     ("empty-corpus", {"data": "{empty}"}, r"data '.*empty.txt' has no text"),
-    ("too-short-corpus", {"data": "{short}"}, r"short.txt' has fewer than 64 training tokens: lower seq_len or add"),
+    ("one-document-corpus", {"data": "{one-document}"},
+     r"one-document.txt': it holds 1 document, but the document-level .* at least 2 .*: add text"),
+    ("too-short-corpus", {"data": "{short}"},
+     r"short.txt': it holds \d+ tokens, fewer than the [\d,]+ this run needs .*: add text, or lower"),
     ("random-bytes-corpus", {"data": "{random}"}, r"does not look like text: \d+% of the characters .* not printable"),
     ("numbers-corpus", {"data": "{numbers}"}, r"only \d+% of its tokens carry letters"),
     ("byte-fallback-corpus", {"data": "{chinese}"}, r"\d+% of its tokens are byte fallbacks"),
@@ -108,7 +112,9 @@ RUN_CASES = [
      r"kv groups 3 must be between 1 and the parent model's 2 .*: change target_kv_groups"),
     ("negative-correction-tokens", {"correction_tokens": -5}, r"bad value for 'correction_tokens': .*negative"),
     ("drop-layers-outside", {"drop_layers": "3-9"}, r"drop_layers 3-9 must lie within layers 1-4"),
-    ("calibration-larger-than-corpus", {"calib_samples": 10**6}, r"fewer than calib_samples 1000000"),
+    ("calibration-larger-than-corpus", {"calib_samples": 10**6}, r"fewer than the 64,000,064 this run needs"),
+    ("max-corpus-tokens-too-small", {"max_corpus_tokens": "1K"},
+     r"max_corpus_tokens 1K reads 1 document, but .*: raise max_corpus_tokens"),
     ("s3-endpoint-down", {"checkpoint_store": "s3://minitron-checkpoints/x"}, r"cannot reach the S3 endpoint"),
 ]
 

@@ -59,7 +59,7 @@ def test_ports_loopback_only_and_minimal():
             published[name] = int(host_port)
     # only the UIs/APIs users touch, on the local stack's ports
     assert published == {"s3": stack.DEFAULT_PORTS["s3"], "prefect": stack.DEFAULT_PORTS["prefect"],
-                         "mlflow": stack.DEFAULT_PORTS["mlflow"]}
+                         "mlflow": stack.DEFAULT_PORTS["mlflow"], "ray-head": stack.RAY_PORTS["ray-dashboard"]}
 
 
 def test_auth_on_and_secrets_from_env():
@@ -102,6 +102,27 @@ def test_gpu_worker():
     assert "FROM ${PYTHON_IMAGE} AS worker" in dockerfile and "FROM ${PYTHON_IMAGE} AS mlflow" in dockerfile
 
 
+def test_ray_services():
+    """ray-head and a GPU ray-worker (profile "ray"): token auth on both, the head's GCS and dashboard on the local
+    stack's ports, the worker joining it, the flows told where it is."""
+    head, worker = SERVICES["ray-head"], SERVICES["ray-worker"]
+    assert head["profiles"] == worker["profiles"] == ["ray"]
+    gcs, dashboard = stack.RAY_PORTS["ray"], stack.RAY_PORTS["ray-dashboard"]
+    head_cmd, worker_cmd = command_of("ray-head"), command_of("ray-worker")
+    assert head_cmd.startswith("ray start --head --block") and f"--port {gcs}" in head_cmd
+    assert f"--dashboard-port {dashboard}" in head_cmd and "--num-gpus 0" in head_cmd
+    assert worker_cmd.startswith(f"ray start --address ray-head:{gcs} --block")
+    assert worker["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    assert "gcs_healthz" in " ".join(head["healthcheck"]["test"])
+    for env in (env_of("ray-head"), env_of("ray-worker"), env_of("worker")):
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?")
+    assert env_of("worker")["RAY_ADDRESS"] == env_of("ray-worker")["RAY_ADDRESS"] == f"ray-head:{gcs}"
+    assert "ports" not in worker  # Ray's own ports stay on the compose network
+    assert worker["deploy"] == SERVICES["worker"]["deploy"] and worker["shm_size"]
+    assert worker["image"] == head["image"] == SERVICES["worker"]["image"]  # Ray workers import our code
+    assert env_of("ray-worker")["MINITRON_CHECKPOINT_STORE"] == stack.CHECKPOINT_STORE  # checkpoints go through S3
+
+
 def compose_client():
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
@@ -122,6 +143,8 @@ def test_docker_compose_config_validates(tmp_path):
     clean_env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": str(tmp_path)}
     ok = subprocess.run([*base, "config", "-q"], capture_output=True, text=True, env=clean_env)
     assert ok.returncode == 0, ok.stderr
+    ray = subprocess.run([*base, "--profile", "ray", "config", "-q"], capture_output=True, text=True, env=clean_env)
+    assert ray.returncode == 0, ray.stderr
     env_file.write_text("".join(f"{k}=x\n" for k in stack.SECRET_NAMES if k != "POSTGRES_PASSWORD"))
     missing = subprocess.run([*base, "config", "-q"], capture_output=True, text=True, env=clean_env)
     assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr + missing.stdout

@@ -29,7 +29,8 @@ def test_unknown_key_is_named(tmp_path):
 
 @pytest.mark.parametrize("override, key", [("seq_len=banana", "seq_len"), ("device=tpu", "device"),
                                            ("target_params=lots", "target_params"), ("lr=-1", "lr"),
-                                           ("drop_layers=16..31", "drop_layers")])
+                                           ("drop_layers=16..31", "drop_layers"), ("backend=slurm", "backend"),
+                                           ("ray_address=http://head:8265", "ray_address")])
 def test_bad_values_are_named(override, key):
     with pytest.raises(UserError, match=f"'{key}'"):
         load_config_file(None, [override])
@@ -49,3 +50,11 @@ def test_percentage_target():
 def test_every_field_is_described():
     for name, field in CompressConfig.model_fields.items():
         assert field.description, name
+
+
+def test_ray_address_forms():
+    for address in ("10.0.0.5:6379", "ray-head:6379", "minitron-head-svc.default.svc:6379", "ray://head:10001"):
+        assert load_config_file(None, ["backend=ray", f"ray_address={address}"]).ray_address == address
+    with pytest.raises(UserError, match="use host:port of its GCS"):
+        load_config_file(None, ["ray_address=head"])
+    assert CompressConfig().backend == "local" and CompressConfig().ray_address is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,25 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, folders, cor
     m1, m2 = (AutoModelForCausalLM.from_pretrained(d) for d in (one_process, tmp_path / "two"))
     for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
         torch.testing.assert_close(p2, p1, rtol=0, atol=1e-5, msg=name)  # 1e-5 = 0.3% of one Adam step
+
+
+def test_two_processes_resume_with_the_next_batch(tmp_path, folders, corpus):
+    """A 2-process run resumed from its step-3 checkpoint (model, optimizer, RNG and the data position: the global
+    micro-batch counter) repeats the uninterrupted run's last 3 steps bit for bit, each rank reading its rows of the
+    same global batches from the token store."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run = cli(*distill_args(*folders, corpus, full, 6 * 64, 2, 2))
+    assert run.returncode == 0, run.stderr[-3000:]
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "checkpoints" / "step-3.pt", resumed / "checkpoints")  # as if killed after step 3
+    assert torch.load(resumed / "checkpoints" / "step-3.pt", weights_only=True)["data"]["micro_batches"] == 3
+    again = cli(*distill_args(*folders, corpus, resumed, 6 * 64, 2, 2), "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert trajectory(resumed) == trajectory(full)[4:]  # steps 4, 5, 6: the same floats
+    from safetensors.torch import load_file
+
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bad_inputs_exit_with_one_line(tmp_path, folders, corpus, tiny_tokenizer, capsys):

@@ -64,9 +64,10 @@ def test_tiny_flow_end_to_end(services):
     assert tags["final_checkpoint_uri"].startswith(f"s3://{BUCKET}/runs/e2e/")
     assert parent.data.params["distill_tokens"] == "16K"
     children = children_of(parent.info.run_id)
-    for name in ("correct-teacher", "importance", "distill", "evaluate", "evaluate teacher", "evaluate pruned",
+    for name in ("tokenize", "correct-teacher", "importance", "distill", "evaluate", "evaluate teacher", "evaluate pruned",
                  "evaluate final"):
         assert name in children, sorted(children)
+    assert children["tokenize"].data.tags["token_store"]  # the store every stage read
     candidates = [r for n, r in children.items() if n.startswith("candidate ")]
     assert len(candidates) == 2
     for run in candidates:
@@ -142,9 +143,10 @@ def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):
     assert "importance" not in children and "distill" in children
     assert summary["final_uri"].startswith(f"s3://{BUCKET}/runs/resume/")
 
-    # a longer distillation: only the distillation stage and what follows run again
+    # a longer distillation: only the distillation stage and what follows run again (tokenize runs every time: it
+    # opens and checks the existing token store, which is its cache)
     longer = compress(config.model_copy(update={"distill_tokens": "24K"}))
-    assert set(children_of(longer["parent_run_id"])) == {"distill"}
+    assert set(children_of(longer["parent_run_id"])) == {"tokenize", "distill"}
     assert longer["final_uri"] != summary["final_uri"]
 
 

@@ -17,7 +17,16 @@ from minitron.archmath import Shape, shape_of
 from minitron.cli import main
 from minitron.config import load_config_file, make_config
 from minitron.errors import UserError
-from minitron.plan import Model, layer_activation_bytes, make_plan, measured_mfu, train_flops, training_memory
+from minitron.plan import (
+    Model,
+    format_plan,
+    layer_activation_bytes,
+    make_plan,
+    measured_mfu,
+    on_nodes,
+    train_flops,
+    training_memory,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
@@ -253,3 +262,54 @@ def test_iterative_search_prunes_from_the_previous_pick():
     assert second.model_in.shape == first.model_out.shape  # step 2 starts from step 1's student
     for a, b in zip(second.model_out.shape.__dict__.values(), first.model_out.shape.__dict__.values(), strict=True):
         assert a <= b
+
+
+PAPER_PRESETS = ("llama-3.1-8b-minitron-4b-width.yaml", "llama-3.1-8b-minitron-4b-depth.yaml",
+                 "mistral-nemo-minitron-8b.yaml", "nemotron-4-15b-minitron.yaml")
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_nodes_wall_hours_for_paper_presets(preset, capsys):
+    """--nodes 4: every training stage data-parallel over all 32 GPUs (its wall-hours = GPU-hours / 32), forward
+    stages on their one GPU, a stage that fits no GPU stays without hours; the table and the total say so."""
+    argv = ["run", "--config", str(CONFIGS / preset), "--dry-run", "--gpu", "h100-80gb", "--nodes", "4"]
+    assert main([*argv, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["nodes"] == 4 and plan["gpus_per_node"] == 8
+    total = 0.0
+    for stage, on4 in zip(plan["stages"], plan["nodes_stages"], strict=True):
+        if not stage["gpu_hours"] or not stage["gpus"]:
+            assert on4 == {"gpus": 0, "wall_hours": None}, stage["name"]
+        elif stage["name"].endswith(("correction", "distillation")):
+            assert on4["gpus"] == 32 and on4["wall_hours"] == pytest.approx(stage["gpu_hours"] / 32), stage["name"]
+        else:
+            assert stage["name"].endswith("importance")
+            assert on4 == {"gpus": 1, "wall_hours": pytest.approx(stage["gpu_hours"])}
+        total += on4["wall_hours"] or 0.0
+    assert plan["nodes_wall_hours"] == pytest.approx(total) and total > 0
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "4-node GPUs" in text and "4-node wall-h" in text
+    shown = f"{total:,.0f}" if total >= 100 else f"{total:.3g}"
+    assert f"on 4 nodes x 8 h100-80gb (32 GPUs, backend: ray): {shown} wall-hours" in text
+    if preset.startswith("nemotron"):  # step 1's 8B student with the 15B teacher fits no 80 GB GPU
+        assert "not counting 4 step 1/2: distillation (no fit on these GPUs)" in text
+
+
+def test_nodes_search_waves_and_uneven_batch():
+    """4 candidates of 8 GPUs on 3 nodes: 3 side by side, then 1 (two waves); 32 nodes split the width preset's
+    global batch of 1152 micro-batches unevenly over 256 GPUs, and the plan says so."""
+    cfg = load_config_file(CONFIGS / "llama-3.1-8b-minitron-4b-width.yaml",
+                           ["target_hidden=null", "target_ffn=null", "search_tokens=2B", "search_top_k=4"])
+    plan = make_plan(cfg, "h100-80gb", root="/nonexistent", nodes=3)
+    search = next(s for s in plan.stages if s.name == "3 search")
+    assert (search.jobs, search.gpus) == (4, 8)
+    assert on_nodes(plan, search) == (24, pytest.approx(2 * search.gpu_hours / 4 / 8))
+    wide = make_plan(load_config_file(CONFIGS / "llama-3.1-8b-minitron-4b-width.yaml"), root="/nonexistent",
+                     nodes=32)
+    assert "distillation: the global batch of 1152 micro-batches does not split evenly over 256 GPUs" in \
+        format_plan(wide)
+    assert "does not split" not in format_plan(make_plan(load_config_file(
+        CONFIGS / "llama-3.1-8b-minitron-4b-width.yaml"), root="/nonexistent", nodes=4))  # 1152 = 36 x 32
+    with pytest.raises(UserError, match="--nodes 0 must be at least 1"):
+        make_plan(cfg, nodes=0, root="/nonexistent")

@@ -1,6 +1,10 @@
-"""`minitron stack`: the real services, authenticated, started once for this module on free ports."""
+"""`minitron stack`: the real services, authenticated, started once for this module on free ports (with --ray: the
+Ray head too)."""
 
+import json
 import os
+import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -17,19 +21,20 @@ pytestmark = pytest.mark.services
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
     state = tmp_path_factory.mktemp("stack")
-    ports = {name: stack.free_port() for name in stack.DEFAULT_PORTS}
+    ports = {name: stack.free_port() for name in [*stack.DEFAULT_PORTS, *stack.RAY_PORTS]}
     lines: list[str] = []
-    running = stack.stack_up(state, ports=ports, out=lines.append)
+    running = stack.stack_up(state, ports=ports, out=lines.append, ray=True)
     try:
         yield running, lines
     finally:
         stack.stack_down(state, out=lambda _: None)
+        shutil.rmtree(stack.ray_temp_dir(state), ignore_errors=True)  # Ray's session logs, outside pytest's tmp
 
 
 def test_up_prints_urls_env_and_credentials_once(up):
     running, lines = up
     text = "\n".join(lines)
-    for name in ("s3", "mlflow", "prefect"):
+    for name in ("s3", "mlflow", "prefect", "ray"):
         assert running.procs[name].url in text
     assert f"export PREFECT_API_URL={running.procs['prefect'].url}/api" in text
     assert f"export MLFLOW_TRACKING_URI={running.procs['mlflow'].url}" in text
@@ -38,6 +43,10 @@ def test_up_prints_urls_env_and_credentials_once(up):
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     assert stack.read_env_file(env_file)["MLFLOW_AUTH_ADMIN_PASSWORD"] == running.env["MLFLOW_TRACKING_PASSWORD"]
     assert running.env["MLFLOW_TRACKING_PASSWORD"] not in (running.state / "client.env").read_text()
+    assert f"export RAY_ADDRESS={running.procs['ray'].address}" in text and "export RAY_AUTH_MODE=token" in text
+    token = stack.read_env_file(env_file)["RAY_AUTH_TOKEN"]
+    assert len(token) == 64 and running.env["RAY_AUTH_TOKEN"] == token
+    assert token not in text and token not in (running.state / "client.env").read_text()  # stored, never printed
     # all services bound to loopback only
     for proc in running.procs.values():
         assert proc.url.startswith("http://127.0.0.1:")
@@ -47,10 +56,15 @@ def test_status_reports_healthy(up):
     running, _ = up
     report = stack.stack_status(running.state, out=lambda _: None)
     assert {n: (r["running"], r["healthy"]) for n, r in report.items()} == {
-        "s3": (True, True), "mlflow": (True, True), "prefect": (True, True)}
+        "s3": (True, True), "mlflow": (True, True), "prefect": (True, True), "ray": (True, True)}
     cli = subprocess.run([sys.executable, "-m", "infra.stack", "status", "--state", str(running.state)],
                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(stack.__file__)))
-    assert cli.returncode == 0 and cli.stdout.count("healthy") == 3
+    assert cli.returncode == 0 and cli.stdout.count("healthy") == 4
+    # the head: its address, and what the state API (behind the token) says about the cluster
+    assert report["ray"]["address"] == running.procs["ray"].address
+    cpus = re.fullmatch(r"1 node alive: (\d+) CPU, 0 GPU", report["ray"]["nodes"])
+    assert cpus and int(cpus[1]) >= 1, report["ray"]
+    assert f"head {running.procs['ray'].address}  {report['ray']['nodes']}" in cli.stdout
 
 
 def test_second_up_refused(up):
@@ -61,16 +75,16 @@ def test_second_up_refused(up):
 
 def test_up_restarts_only_the_dead_service(up):
     """The S3 endpoint dies (moto: it comes back empty): `up` starts it again on its port, with its buckets, and
-    leaves MLflow and Prefect running as they were."""
+    leaves the other services running as they were."""
     running, _ = up
-    alive = {n: running.procs[n].pid for n in ("mlflow", "prefect")}
+    alive = {n: running.procs[n].pid for n in ("mlflow", "prefect", "ray")}
     s3 = running.procs["s3"]
     os.killpg(os.getpgid(s3.pid), 9)
     s3.popen.wait(timeout=10)
     lines: list[str] = []
     again = stack.stack_up(running.state, out=lines.append)
     running.procs.update(again.procs)  # later tests stop the new process
-    assert "restarted: s3 (still running: mlflow, prefect)" in lines
+    assert "restarted: s3 (still running: mlflow, prefect, ray)" in lines
     assert {n: again.procs[n].pid for n in alive} == alive
     assert again.procs["s3"].url == s3.url and again.procs["s3"].pid != s3.pid
     assert again.env == running.env and not again.generated
@@ -188,14 +202,41 @@ def test_prefect_auth_and_flow_run(up):
     assert [(r.name != "", r.state.type.value) for r in runs] == [(True, "COMPLETED")]
 
 
+def test_ray_jobs_api_needs_the_token(up):
+    """The dashboard's jobs API runs code for whoever reaches it: no token 401, a wrong one 403, the stack's token
+    submits a job that runs to the end."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    running, _ = up
+    head, token = running.procs["ray"], running.env["RAY_AUTH_TOKEN"]
+    assert head.url.startswith("http://127.0.0.1:")
+    submit = json.dumps({"entrypoint": "echo pwned"}).encode()
+    for headers, code in (({}, 401), (stack.bearer_header("0" * 64), 403)):
+        assert stack.http_status(f"{head.url}/api/jobs/", headers) == code
+        assert stack.http_status(f"{head.url}/api/jobs/", {**headers, "Content-Type": "application/json"},
+                                 method="POST", data=submit) == code
+    assert stack.http_status(f"{head.url}/api/v0/nodes") == 401  # the state API too
+    client = JobSubmissionClient(head.url, headers=stack.bearer_header(token))
+    job = client.submit_job(entrypoint=f"{sys.executable} -c \"print(6 * 7)\"")
+    deadline = time.monotonic() + 120
+    while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert status == JobStatus.SUCCEEDED and client.get_job_logs(job).strip().endswith("42")
+    assert [j.entrypoint for j in client.list_jobs()] == [f"{sys.executable} -c \"print(6 * 7)\""]  # nothing else ran
+
+
 def test_down_leaves_no_process(up):
-    """Runs last: down stops every process of every group, frees the ports; credentials stay for the next up."""
+    """Runs last: down stops every process of every group (and session: Ray's workers take groups of their own),
+    frees the ports; credentials stay for the next up."""
     running, _ = up
     groups = {os.getpgid(proc.pid) for proc in running.procs.values()}
     ports = [int(proc.url.rsplit(":", 1)[1]) for proc in running.procs.values()]
-    assert stack.stack_down(running.state, out=lambda _: None) == ["prefect", "mlflow", "s3"]
-    table = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True).stdout.splitlines()
-    assert not [row for row in table if int(row.split()[1]) in groups and not row.split()[2].startswith("Z")]
+    ports.append(int(running.procs["ray"].address.rsplit(":", 1)[1]))
+    assert stack.stack_down(running.state, out=lambda _: None) == ["ray", "prefect", "mlflow", "s3"]
+    table = subprocess.run(["ps", "-eo", "pid=,pgid=,sid=,stat="], capture_output=True, text=True).stdout.splitlines()
+    assert not [row for row in table if (int(row.split()[1]) in groups or int(row.split()[2]) in groups)
+                and not row.split()[3].startswith("Z")]
     assert all(stack._port_free("127.0.0.1", port) for port in ports)
     assert not list((running.state / "pids").glob("*.json"))
     assert stack.stack_status(running.state, out=lambda _: None) == {}

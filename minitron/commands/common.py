@@ -24,6 +24,8 @@ def add_data_args(p: argparse.ArgumentParser, *, flag: str = "--data") -> None:
     p.add_argument("--text-field", default="text", help="field holding the text in records")
     p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed for the split and sampling")
+    p.add_argument("--token-store", default=None, metavar="ROOT",
+                   help="folder or s3://bucket/prefix where tokenised corpora are kept (default: the cache)")
 
 
 MODEL_ARGS = ("model", "teacher", "student")  # the commands' arguments that hold a model spec
@@ -52,8 +54,13 @@ def load_model_from_args(spec: str, args):
 def load_data_from_args(args, tokenizer, seq_len: int):
     from minitron.data import load_token_data
 
-    return load_token_data(args.data, tokenizer, seq_len, val_fraction=args.val_fraction, seed=args.seed,
-                           hf_config=args.data_config, hf_split=args.data_split, text_field=args.text_field)
+    return load_token_data(args.data, tokenizer, seq_len, **data_kwargs(args))
+
+
+def data_kwargs(args) -> dict:
+    """The data flags as keyword arguments of load_token_data / open_or_build_store."""
+    return dict(val_fraction=args.val_fraction, seed=args.seed, hf_config=args.data_config, hf_split=args.data_split,
+                text_field=args.text_field, store=args.token_store)
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None) -> None:

@@ -1,34 +1,35 @@
-"""`minitron data DATA --model MODEL`: documents, tokens, train/validation blocks and the calibration shape."""
+"""`minitron data DATA --model MODEL`: the corpus's token store (built on first use) and its blocks at --seq-len."""
 
 from __future__ import annotations
 
-from minitron.commands.common import add_data_args, load_data_from_args, print_json_or_lines
+from minitron.commands.common import add_data_args, data_kwargs, print_json_or_lines
 
 
 def register(sub) -> None:
-    p = sub.add_parser("data", help="tokenise and pack a corpus; print its sizes",
-                       description="Tokenise a corpus with a model's tokenizer, pack it into blocks, cache it and "
-                                   "print documents, tokens, split sizes and the calibration shape.")
+    p = sub.add_parser("data", help="report a corpus's token store (built on first use) and its blocks",
+                       description="Open (or build, see `minitron tokenize`) the token store of a corpus for a "
+                                   "model's tokenizer and print its path, shards, bytes, documents, tokens, "
+                                   "train/validation blocks at --seq-len and the calibration shape.")
     p.add_argument("data", help="corpus: 'shakespeare', .txt/.jsonl/.parquet files or folders, or a hub dataset id")
     p.add_argument("--model", required=True, help="model whose tokenizer to use")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per block")
     p.add_argument("--samples", type=int, default=1024, help="calibration samples (papers: 1024)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--workers", type=int, default=None, help="tokeniser processes if it must be built (default: all cores)")
     add_data_args(p, flag="")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from transformers import AutoTokenizer
+    from minitron.commands.tokenize import progress_bar
+    from minitron.data import load_token_data, load_tokenizer
 
-    from minitron.models import _materialise
-
-    # Only the tokenizer is needed: resolve the spec to a folder and skip loading weights.
-    _, where = _materialise(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(where)
-    data = load_data_from_args(args, tokenizer, args.seq_len)
+    tokenizer = load_tokenizer(args.model)
+    with progress_bar() as bar:
+        data = load_token_data(args.data, tokenizer, args.seq_len, workers=args.workers, progress=bar,
+                               **data_kwargs(args))
     info = data.summary()
-    available = data.train.numel() // args.seq_len
+    available = len(data.train)
     info["calibration"] = f"{min(args.samples, available)} x {args.seq_len}" + (
         f" (only {available} blocks available)" if args.samples > available else "")
     print_json_or_lines(info, args.json)

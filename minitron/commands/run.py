@@ -1,4 +1,5 @@
-"""`minitron run --config FILE [--set key=value ...] [--dry-run [--gpu h100-80gb]]`: the whole compression.
+"""`minitron run --config FILE [--set key=value ...] [--dry-run [--gpu h100-80gb] [--nodes N]]`: the whole
+compression.
 
 `--dry-run` prints the plan (shapes, exact parameter counts, peak GPU memory per stage, tokens, GPU-hours) from the
 config alone: no weights, no data, seconds. Without it the run goes to the orchestration (flows/run.py), which
@@ -20,6 +21,9 @@ def register(sub) -> None:
                    help="override one config field (repeatable), e.g. --set distill_tokens=2B")
     p.add_argument("--dry-run", action="store_true", help="print the plan: shapes, parameters, memory, GPU-hours")
     p.add_argument("--gpu", default="h100-80gb", choices=list(GPUS), help="GPU the dry run sizes stages for")
+    p.add_argument("--nodes", type=int, default=None, metavar="N",
+                   help="dry run: also plan every stage on N nodes (backend: ray) and print their wall-hours")
+    p.add_argument("--gpus-per-node", type=int, default=8, metavar="G", help="with --nodes: GPUs per node (default 8)")
     p.add_argument("--mfu", type=float, default=None,
                    help="model-FLOPs utilisation for GPU-hours (default: our benchmark's, else 0.40)")
     p.add_argument("--json", action="store_true", help="dry run: print the plan as JSON")
@@ -48,7 +52,7 @@ def run(args) -> int:
     if args.dry_run:
         from minitron.plan import format_plan, make_plan
 
-        plan = make_plan(cfg, args.gpu, args.mfu)
+        plan = make_plan(cfg, args.gpu, args.mfu, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
         print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
         return 0
     from flows.run import run_from_cli

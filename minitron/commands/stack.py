@@ -8,7 +8,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("stack", help="start, stop or inspect the local Prefect + MLflow + S3 stack",
                        description="Start, stop or inspect the local service stack: prefect server, mlflow server "
-                                   "(SQLite, artifacts on S3) and an S3 endpoint, all on 127.0.0.1 with auth.")
+                                   "(SQLite, artifacts on S3) and an S3 endpoint, all on 127.0.0.1 with auth; with "
+                                   "--ray also a Ray head (token auth) for backend: ray.")
     add_arguments(p)
     p.set_defaults(func=run)
 
