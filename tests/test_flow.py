@@ -178,8 +178,12 @@ def test_user_error_is_the_flow_runs_state_message(services):
     assert state.is_failed()
     assert state.message.startswith("target shape: llama configs need the hidden size (50) to be a multiple of the "
                                     "query heads (4)") and "\n" not in state.message
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    assert logs and not [log.message for log in logs if "Traceback" in log.message]
+    deadline, logs = time.monotonic() + 30, []
+    while not any(state.message in log.message for log in logs):  # logs reach the API in batches
+        assert time.monotonic() < deadline, [log.message for log in logs]
+        time.sleep(0.5)
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert not [log.message for log in logs if "Traceback" in log.message]
     with pytest.raises(UserError, match="multiple of the query heads"):
         state.result()
