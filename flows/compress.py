@@ -74,6 +74,9 @@ INTERRUPTED_MESSAGE = ("interrupted (Ctrl-C): the finished stages and the local 
 @flow(name="compress", flow_run_name=run_name, persist_result=True, log_prints=True)
 def compress(config: CompressConfig) -> dict:
     """Compress `config.teacher` to `config.target_params` by Minitron pruning + distillation."""
+    from minitron.memory import return_freed_memory
+
+    return_freed_memory()  # a served run's process does not start from our CLI
     quiet_user_errors()
     try:
         return _pipeline(config)

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from minitron.memory import return_freed_memory
+
+    return_freed_memory()  # before any model is loaded
     args = build_parser().parse_args(argv)
     try:
         _fetch_checkpoints(args)

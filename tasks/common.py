@@ -377,20 +377,16 @@ def stage_task(name: str, **options):
 
 
 def release_memory() -> None:
-    """Give a finished stage's memory back to the OS. Its models die with the task function's frame, but glibc keeps
-    freed heap pages (each thread has its own arena, and its mmap threshold grows with the largest block freed), so
-    the flow process's RSS would only ever grow, stage after stage: the CPU demo peaked at 10 GB for a 135M teacher."""
-    import ctypes
+    """Give a finished stage's memory back to the OS: its models die with the task function's frame, and what glibc
+    keeps of them is trimmed (see minitron/memory.py); the CPU demo's flow process once peaked at 10 GB for a 135M
+    teacher, stage after stage adding to it."""
     import gc
-    import sys
 
-    gc.collect()  # models in reference cycles (hooks, tied weights) are not freed by refcounting alone
     import torch
 
+    from minitron import memory
+
+    gc.collect()  # models in reference cycles (hooks, tied weights) are not freed by refcounting alone
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).malloc_trim(0)
-        except AttributeError:  # not glibc (musl)
-            pass
+    memory.trim()

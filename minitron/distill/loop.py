@@ -59,7 +59,7 @@ class DistillConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the student
-    chunk_tokens: int = 1024  # tokens per chunk of the fused lm_head + KL
+    chunk_tokens: int = 256  # tokens per chunk of the fused lm_head + KL (memory: see loss.KDLossConfig)
     progress: bool = True  # tqdm progress bar on rank 0 (Prefect callers pass False and a callback)
 
     @classmethod
