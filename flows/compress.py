@@ -12,13 +12,15 @@ persisted and cached by input, so running the same config again after a crash re
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
+from importlib import resources
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.exceptions import TerminationSignal
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.states import Cancelled, Failed
 
 from flows.environment import (
@@ -29,7 +31,7 @@ from flows.environment import (
     store_uri,
     tracking_uri,
 )
-from flows.preflight import preflight
+from flows.preflight import preflight, run_config
 from minitron.config import CompressConfig, format_count
 from minitron.errors import UserError
 from tasks import tracking
@@ -52,11 +54,33 @@ from tasks.slots import visible_gpus
 from tasks.tokenize import tokenize_corpus
 
 
-def run_name(config: CompressConfig | None = None) -> str:
-    config = config or flow_run.parameters["config"]
-    if isinstance(config, dict):
-        config = CompressConfig(**config)
-    return f"{config.name}: {Path(config.teacher).name} → {config.target_params}"
+def run_name() -> str:
+    """The flow run's name. A name the user gave (the form's Run Name, `--flow-run-name`, the API) is kept; a slug
+    Prefect made up for a run given none ("crimson-tiger": schedules, `prefect deployment run`, `minitron run`) is
+    replaced by "<name>: <teacher> → <target>"."""
+    given = flow_run.name
+    if given and not made_up_by_prefect(given):
+        return given
+    config = flow_run.parameters["config"]  # not validated yet (preflight does it): read it defensively
+    config = config.model_dump() if isinstance(config, CompressConfig) else config if isinstance(config, dict) else {}
+    field = {k: config.get(k, CompressConfig.model_fields[k].default) for k in ("name", "teacher", "target_params")}
+    return f"{field['name']}: {Path(str(field['teacher'])).name} → {field['target_params']}"
+
+
+@functools.cache
+def _slug_words() -> frozenset[str]:
+    """The words of Prefect's made-up run names (`generate_slug(2)`: two words from its dependency coolname)."""
+    words = set()
+    for f in (resources.files("coolname") / "data").iterdir():
+        if f.name.endswith(".txt"):
+            words.update(w for w in (line.strip() for line in f.read_text().splitlines()) if re.fullmatch("[a-z]+", w))
+    return frozenset(words)
+
+
+def made_up_by_prefect(name: str) -> bool:
+    """True for a name Prefect generated ("crimson-tiger"); "baseline-run" or "ui-3f2a-run" are a user's."""
+    words = re.fullmatch(r"([a-z]+)-([a-z]+)", name)
+    return bool(words) and set(words.groups()) <= _slug_words()
 
 
 def _git_sha() -> str:
@@ -71,7 +95,9 @@ INTERRUPTED_MESSAGE = ("interrupted (Ctrl-C): the finished stages and the local 
                        "command again to resume")
 
 
-@flow(name="compress", flow_run_name=run_name, persist_result=True, log_prints=True)
+# validate_parameters=False: `config` is validated in preflight, so a bad value that reaches a run (the form's
+# "Validate parameters" unticked, an API client) fails with our one line, not Prefect's dump of pydantic errors.
+@flow(name="compress", flow_run_name=run_name, persist_result=True, log_prints=True, validate_parameters=False)
 def compress(config: CompressConfig) -> dict:
     """Compress `config.teacher` to `config.target_params` by Minitron pruning + distillation."""
     from minitron.memory import return_freed_memory
@@ -94,20 +120,23 @@ def compress(config: CompressConfig) -> dict:
 
 def _pipeline(config: CompressConfig) -> dict:
     log = get_run_logger()
+    config = run_config(config)
     plan = preflight(config)  # seconds: bad input fails here, before any model work
     uri = tracking_uri(config.tracking_uri)
     prepare_tracking(uri)
     experiment = tracking.experiment_name(config.teacher, config.target_params)
+    prefect_url = flow_run.ui_url if str(flow_run.ui_url).startswith("http") else None
     parent = tracking.start_parent_run(
         experiment, flow_run.name or config.name, tracking_uri=uri, artifact_location=artifact_location(uri),
         params=config.model_dump(), tags={
-            "prefect.flow_run_id": flow_run.id, "prefect.flow_run_url": flow_run.ui_url or "",
+            "prefect.flow_run_id": flow_run.id, "prefect.flow_run_url": prefect_url or "",
             "git_sha": _git_sha(), "teacher": config.teacher, "target": config.target_params})
+    _link_runs(parent, uri, prefect_url)
     ctx = RunContext(parent_run_id=parent.run_id, tracking_uri=uri, store_uri=store_uri(config.checkpoint_store),
                      run_key=f"{re.sub(r'[^A-Za-z0-9._-]+', '-', config.name)}/{flow_run.id}",
                      work_dir=str(scratch_root() / config_key(config)), slot=compute_slot(config.device),
                      slot_timeout_s=60.0 * config.queue_timeout_min,
-                     stage_timeout_s=config.stage_timeout_hours and 3600.0 * config.stage_timeout_hours,
+                     stage_timeout_s=3600.0 * config.stage_timeout_hours or None,
                      refresh=not config.resume, slot_dir=str(state_dir() / "slots"),
                      inventory=visible_gpus(config.device), leases=_real_server(),
                      run_name=flow_run.name or config.name)
@@ -151,3 +180,19 @@ def _real_server() -> bool:
     from prefect.settings import get_current_settings
 
     return bool(get_current_settings().api.url)
+
+
+def _link_runs(parent: tracking.Run, uri: str, prefect_url: str | None) -> None:
+    """Links both ways: the MLflow parent run's description points at this flow run, and this flow run's page gets
+    a link artifact to the MLflow parent run (each stage adds one to its child run)."""
+    from prefect.artifacts import create_link_artifact
+
+    prefect = f"[{flow_run.name}]({prefect_url})" if prefect_url else f"`{flow_run.name}` (`{flow_run.id}`)"
+    source = f" of deployment `{deployment.name}`" if deployment.name else ""
+    parent.describe(f"Prefect flow run {prefect}{source}. Its stages and search candidates are this run's "
+                    "child runs (expand it in the experiment's runs table); the summary, the final checkpoint and "
+                    "its registry entry are on this run.")
+    if url := parent.url(uri):
+        create_link_artifact(url, link_text=f"MLflow run: {flow_run.name}", key="mlflow-run",
+                             description="This flow run's MLflow parent run: parameters, stage child runs, "
+                                         "metrics, plots and the summary")

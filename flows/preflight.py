@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flows.environment import store_uri, tracking_uri
-from minitron.config import CompressConfig, format_count
+from minitron.config import CompressConfig, format_count, make_config
 from minitron.errors import UserError
 
 
@@ -32,6 +32,17 @@ class Plan:
     steps: tuple[Step, ...]
 
 
+def run_config(config: CompressConfig | dict) -> CompressConfig:
+    """The flow's `config` parameter as a validated config. Prefect's own parameter validation is off for the flow:
+    a value the server's schema check did not stop (the form's "Validate parameters" unticked, an API client) fails
+    here, with one line that names the field and its accepted forms."""
+    if isinstance(config, CompressConfig):
+        return config
+    if not isinstance(config, dict):
+        raise UserError(f"the flow parameter 'config' must be a mapping of config fields, not {type(config).__name__}")
+    return make_config(config)
+
+
 def preflight(config: CompressConfig) -> Plan:
     from minitron.archmath import count_params, count_shape, shape_of
     from minitron.data import TEXT_SUFFIXES
@@ -45,7 +56,6 @@ def preflight(config: CompressConfig) -> Plan:
 
     tracking.check_tracking(tracking_uri(config.tracking_uri))
     storage.check_store(store_uri(config.checkpoint_store))
-    check_devices(config)
 
     teacher = local_teacher(config)
     model_config = load_config(teacher, trust_remote_code=config.trust_remote_code)
@@ -85,7 +95,9 @@ def preflight(config: CompressConfig) -> Plan:
         previous = step.target
 
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
-    for field in ("correction_tokens", "search_tokens", "distill_tokens"):
+    searches = any(step.shape is None for step in steps)
+    budgets = ("correction_tokens",) * config.correct_teacher + ("search_tokens",) * searches + ("distill_tokens",)
+    for field in budgets:  # of the stages that run (an explicit shape has no search)
         if config.tokens(field) < tokens_per_step:
             raise UserError(f"{field} = {getattr(config, field)} is less than one optimizer step "
                             f"({tokens_per_step} tokens = batch_size x grad_accum x seq_len)")
@@ -94,31 +106,10 @@ def preflight(config: CompressConfig) -> Plan:
         from tasks.ray_cluster import check_cluster
 
         check_cluster(config, {"each training stage": config.nproc})
+    else:
+        check_gpus(config, model_config)
     return Plan(teacher_ref={"uri": config.teacher, "params": teacher_params}, teacher_params=teacher_params,
                 steps=tuple(steps))
-
-
-def check_devices(config: CompressConfig) -> None:
-    """`device` must exist here, and `nproc` processes must have a GPU each (or, with device: cpu, a core each:
-    CPU processes under gloo, which is what tests use)."""
-    import torch
-
-    from minitron.models import resolve_device
-
-    if config.backend == "ray":  # the cluster check (last in preflight) sizes a Ray run
-        return
-    device = resolve_device(config.device)  # device=cuda without a GPU: one line
-    if config.nproc == 1:
-        return
-    if device.type == "cuda" and config.nproc > torch.cuda.device_count():
-        raise UserError(f"nproc {config.nproc} needs {config.nproc} GPUs but {torch.cuda.device_count()} are "
-                        "visible here: lower nproc")
-    if device.type == "cpu" and config.device != "cpu":
-        raise UserError(f"nproc {config.nproc} needs {config.nproc} GPUs but none is visible here: set nproc to 1 "
-                        "(device: cpu with nproc > 1 runs CPU processes under gloo, for tests)")
-    if device.type == "cpu" and config.nproc > (os.cpu_count() or 1):
-        raise UserError(f"nproc {config.nproc} CPU processes but this machine has {os.cpu_count()} cores: lower "
-                        "nproc")
 
 
 def local_teacher(config: CompressConfig) -> str:
@@ -169,3 +160,33 @@ def check_corpus(config: CompressConfig, teacher: str) -> None:
         raise UserError(f"{where}: {reading} {docs} document, but the document-level train/validation split needs at "
                         f"least 2 (a .txt file is cut at blank lines into documents of up to {DOC_CHARS:,} "
                         f"characters): {'raise max_corpus_tokens' if capped else 'add text'}")
+
+
+REFERENCE_GPU = "h100-80gb"  # what stages are sized for where no GPU is visible (the dry run's default)
+
+
+def check_gpus(config: CompressConfig, teacher_config) -> None:
+    """Every training stage gets at most the GPUs this machine has, by the decision the dry run prints: one line
+    naming what each stage needs otherwise. Where no GPU is visible a one-process stage runs on the CPU;
+    `device: cpu` runs every stage as CPU processes (gloo), and nothing is checked."""
+    import torch
+
+    from minitron.models import resolve_device
+    from minitron.plan import local_gpu, make_plan
+
+    if config.device == "cpu":
+        return
+    resolve_device(config.device)  # device=cuda without a GPU: one line
+    visible = torch.cuda.device_count()
+    gpu = local_gpu(config.device)
+    plan = make_plan(config, gpu or REFERENCE_GPU, teacher_config=teacher_config)
+    stages = [(st.name.split(" ", 1)[1], st) for st in plan.stages if st.kind == "train"]
+    sized = gpu.name if gpu else f"{REFERENCE_GPU}, as this machine has none"
+    for name, st in stages:
+        if st.parallelism is None:
+            raise UserError(f"{name} on {sized}: {st.fit}")
+    if any(st.gpus > max(visible, 1) for _, st in stages):
+        needs = ", ".join(f"{name} needs {st.gpus} ({st.parallelism.describe()})" for name, st in stages)
+        raise UserError(f"this machine has {visible} GPU{'s' * (visible != 1)} but {needs}, sized for {sized}: run "
+                        f"on a node with {max(st.gpus for _, st in stages)} GPUs (--dry-run --gpu for other cards), "
+                        "lower nproc, or set device: cpu for CPU processes")

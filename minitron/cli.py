@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fetch_checkpoints(args) -> None:
     """Model specs that are s3:// checkpoint URIs become verified local copies, for every command at once."""
-    from minitron.commands.common import MODEL_ARGS, local_spec
+    from minitron.commands.common import SPEC_ARGS, local_spec
 
-    for name in MODEL_ARGS:
+    for name in SPEC_ARGS:
         if isinstance(getattr(args, name, None), str):
             setattr(args, name, local_spec(getattr(args, name)))
 

@@ -8,15 +8,33 @@ the environment (AWS_*, MLFLOW_TRACKING_PASSWORD, PREFECT_API_AUTH_STRING, HF_TO
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from minitron.errors import UserError
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+# A count: a number with an optional K/M/B/T suffix. The same regex is the form's and the server's pattern (a JSON
+# schema `pattern`, which the server quotes when it refuses a value: kept short, in syntax every regex engine reads).
+_NUMBER = r"[0-9]*\.?[0-9]+"
+COUNT_PATTERN = rf"^ *{_NUMBER} *[KMBGTkmbgt]? *$"
+TARGET_PATTERN = rf"^( *{_NUMBER} *[KMBGTkmbgt%]? *)(,( *{_NUMBER} *[KMBGTkmbgt%]? *))*$"  # 70M, 55%, 8B,4B
+COUNT_FORMS = "a count with an optional K/M/B suffix (70M, 4.5B, 2048)"
+TARGET_FORMS = ("a parameter count (70M, 4.5B), a percentage of the teacher (55%) or a comma list for iterative "
+                "pruning (8B,4B)")
 
 
 def parse_count(value: str | int | float) -> int:
@@ -25,17 +43,32 @@ def parse_count(value: str | int | float) -> int:
         if value < 0:
             raise UserError(f"count {value} is negative: use a number with an optional K/M/B suffix, e.g. 70M")
         return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgGtT]?)\s*", str(value))
+    match = re.fullmatch(rf"({_NUMBER}) *([KMBGTkmbgt]?)", str(value).strip())
     if not match:
         raise UserError(f"cannot read '{value}' as a count: use a number with an optional K/M/B suffix, e.g. 70M")
     return int(round(float(match.group(1)) * _SUFFIX[match.group(2).upper()]))
 
 
-def _valid_count(value) -> int:
-    try:
-        return parse_count(value)
-    except UserError as err:  # pydantic turns ValueError into an error that names the field
-        raise ValueError(str(err)) from None
+def _as_count(value):
+    """A count field's value as text (YAML may give 2000000 or 4.5e9); a ValueError names the accepted forms (pydantic
+    turns it into an error that names the field)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not re.fullmatch(COUNT_PATTERN, value):
+        raise ValueError(f"use {COUNT_FORMS}")
+    return value
+
+
+def _as_target(value):
+    """target_params as text: counts or percentages (strictly between 0 and 100), comma separated."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not re.fullmatch(TARGET_PATTERN, value):
+        raise ValueError(f"use {TARGET_FORMS}")
+    for part in value.split(","):
+        if part.strip().endswith("%") and not 0 < float(part.strip()[:-1]) < 100:
+            raise ValueError("a percentage target must be between 0 and 100")
+    return value
 
 
 def format_count(n: int) -> str:
@@ -45,7 +78,10 @@ def format_count(n: int) -> str:
     return str(n)
 
 
-Count = str  # a count with an optional K/M/B suffix; validated by parse_count
+# A count with an optional K/M/B suffix (validated by parse_count); its pattern makes the Prefect server refuse
+# "banana" before a run exists. Target: one or more counts or percentages of the teacher.
+Count = Annotated[str, StringConstraints(pattern=COUNT_PATTERN), BeforeValidator(_as_count)]
+Target = Annotated[str, StringConstraints(pattern=TARGET_PATTERN), BeforeValidator(_as_target)]
 
 # One step of `target_shapes`: dash-separated parts in any order, each a letter code and a number (L32-H3072-A24-KV8).
 SHAPE_SPEC = re.compile(r"(?:(?:L|H|F|A|KV)\d+)(?:-(?:L|H|F|A|KV)\d+)*")
@@ -53,10 +89,32 @@ SHAPE_SPEC = re.compile(r"(?:(?:L|H|F|A|KV)\d+)(?:-(?:L|H|F|A|KV)\d+)*")
 RAY_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9._-]+:\d{1,5}$")
 
 
+# The Prefect form lists the fields in pipeline order under short group headings ("3 search · target_params").
+# A group opens at the field named here and runs, in declaration order, to the next opening field: a field added to
+# a section joins that section's group. FORM_REQUIRED: what a run cannot go without (the form marks the rest
+# "(Optional)": left out, they take their defaults).
+FORM_GROUPS = {"run": ("name",), "data": ("data",), "1 correct": ("correct_teacher",),
+               "2 importance": ("calib_samples",), "3 search": ("target_params", "memory_cap_gib"),
+               "4 distill": ("distill_tokens",), "training": ("batch_size",), "5 evaluate": ("evaluate",),
+               "runtime": ("seed",), "results": ("tracking_uri",)}
+FORM_REQUIRED = ("name", "teacher", "data", "target_params")
+
+
+def _form_schema(schema: dict) -> None:
+    """JSON schema of CompressConfig as the Prefect UI renders it: group titles, pipeline order, required fields."""
+    opens = {field: i for i, fields in enumerate(FORM_GROUPS.values()) for field in fields}
+    headings, group = list(FORM_GROUPS), 0
+    for declared, (name, prop) in enumerate(schema["properties"].items()):
+        group = opens.get(name, group)
+        prop["title"] = f"{headings[group]} · {name}"
+        prop["position"] = 1000 * group + declared  # the UI sorts fields by `position`
+    schema["required"] = [name for name in schema["properties"] if name in FORM_REQUIRED]
+
+
 class CompressConfig(BaseModel):
     """A compression run: teacher → (correct) → importance → search → distill → evaluate → export."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=_form_schema)
 
     # --- what to compress --------------------------------------------------------------------------------------
     name: str = Field("minitron", description="Run name: prefixes the flow-run name, the MLflow experiment and "
@@ -93,7 +151,7 @@ class CompressConfig(BaseModel):
                                                 "increase when the layer is skipped, or Block Influence (bi).")
 
     # --- target (stage 3) --------------------------------------------------------------------------------------
-    target_params: Count = Field("55%", description="Student size: parameters (70M, 4.5B), a percentage of the "
+    target_params: Target = Field("55%", description="Student size: parameters (70M, 4.5B), a percentage of the "
                                  "teacher (55%), or a comma list for iterative pruning (8B,4B).")
     tolerance: float = Field(0.05, gt=0, lt=1, description="Relative tolerance around each target parameter count.")
     axes: Literal["all", "width", "depth"] = Field("all", description="Which shapes the search may use: mixed, "
@@ -113,9 +171,8 @@ class CompressConfig(BaseModel):
     # --- stage switches and budgets (tokens) ---------------------------------------------------------------------
     correct_teacher: bool = Field(True, description="Stage 1: fine-tune the teacher on the corpus first.")
     correction_tokens: Count = Field("1M", description="Teacher-correction budget in tokens.")
-    memory_cap_gib: float | None = Field(None, gt=0, description="Only shapes whose bf16 weights plus the KV cache "
-                                         "of one seq_len sequence fit in this many GiB (inference memory); empty = "
-                                         "no cap.")
+    memory_cap_gib: float = Field(0.0, ge=0, description="Only shapes whose bf16 weights plus the KV cache of one "
+                                  "seq_len sequence fit in this many GiB (inference memory); 0 = no cap.")
     search_max_candidates: int = Field(24, ge=1, description="Shapes scored by the proxy at most (spread evenly "
                                        "over width, depth and mixed shapes).")
     search_top_k: int = Field(4, ge=1, le=16, description="Candidates that get a short distillation.")
@@ -126,7 +183,7 @@ class CompressConfig(BaseModel):
     evaluate: bool = Field(True, description="Stage 5: benchmark teacher, pruned and final student with lm-eval.")
     eval_preset: Literal["quick", "paper", "offline"] = Field("offline", description="lm-eval task preset: "
                                                               "offline (corpus perplexity + cloze), quick, paper.")
-    eval_limit: int | None = Field(200, ge=1, description="Examples per eval task (empty = all).")
+    eval_limit: int = Field(200, ge=0, description="Examples per eval task (0 = all).")
 
     # --- optimisation (shared by correction and distillation) -----------------------------------------------------
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
@@ -154,7 +211,13 @@ class CompressConfig(BaseModel):
     activation_checkpointing: bool = Field(False, description="Recompute each student decoder layer in backward: "
                                            "far less activation memory for ~1/3 more student compute (8B-class "
                                            "students at long sequences need it).")
-    nproc: int = Field(1, ge=1, description="GPUs per distillation: >1 runs it under torchrun.")
+    nproc: int = Field(1, ge=1, description="GPUs (processes) per training stage: >1 runs teacher correction, "
+                       "each candidate's short distillation and distillation under torchrun.")
+    parallel: Literal["auto", "ddp", "fsdp"] = Field("auto", description="How a training stage uses its GPUs: ddp "
+                                                 "replicates the trained model, fsdp shards it (FSDP2); auto picks "
+                                                 "per stage what the dry run prints (DDP when it fits one GPU, "
+                                                 "else FSDP over as many GPUs as it needs, activation checkpointing "
+                                                 "when nothing fits without it).")
     backend: Literal["local", "ray"] = Field("local", description="Where training stages and mapped work run: "
                                              "local (this machine: in-process or torchrun) or ray (a Ray "
                                              "cluster: Ray Train jobs across nodes, Ray tasks for candidates and "
@@ -165,8 +228,8 @@ class CompressConfig(BaseModel):
                                     "comes from RAY_AUTH_TOKEN.")
     queue_timeout_min: int = Field(720, ge=1, description="Minutes a stage waits for this machine's GPU (or CPU) "
                                    "while another run holds it, before failing.")
-    stage_timeout_hours: float | None = Field(None, gt=0, description="A stage running longer than this is "
-                                              "stopped (its last checkpoint stays); empty = no limit.")
+    stage_timeout_hours: float = Field(0.0, ge=0, description="A stage running longer than this is stopped (its "
+                                       "last checkpoint stays); 0 = no limit.")
     resume: bool = Field(True, description="Reuse stages a previous run of the same config finished (off: "
                          "recompute every stage).")
     cache_check: Literal["auto", "sha256", "size"] = Field("auto", description="Before a finished stage is "
@@ -176,30 +239,20 @@ class CompressConfig(BaseModel):
                                                            "S3 downloads), or not (size). A bad one is recomputed.")
 
     # --- where results go ---------------------------------------------------------------------------------------
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; empty = local SQLite under "
-                                     ".minitron/ (or MLFLOW_TRACKING_URI).")
-    checkpoint_store: str | None = Field(None, description="Checkpoint store: s3://bucket/prefix or a folder; "
-                                         "empty = .minitron/checkpoints (or MINITRON_CHECKPOINT_STORE).")
+    tracking_uri: str = Field("", description="MLflow tracking URI; empty = MLFLOW_TRACKING_URI, else local SQLite "
+                              "under .minitron/.")
+    checkpoint_store: str = Field("", description="Checkpoint store: s3://bucket/prefix or a folder; empty = "
+                                  "MINITRON_CHECKPOINT_STORE, else .minitron/checkpoints.")
 
-    @field_validator("correction_tokens", "search_tokens", "distill_tokens", "max_corpus_tokens", mode="before")
+    @field_validator("memory_cap_gib", "eval_limit", "stage_timeout_hours", "tracking_uri", "checkpoint_store",
+                     mode="before")
     @classmethod
-    def _count(cls, v):
+    def _null_is_none(cls, v, info):
+        """Older presets and `--set key=` say null for "none" (no cap, all examples, the environment's store): these
+        fields say it with a concrete 0 or "" now, which the form shows as a plain value, not a None switch."""
         if v is not None:
-            _valid_count(v)
-        return v if v is None else str(v)
-
-    @field_validator("target_params", mode="before")
-    @classmethod
-    def _targets(cls, v):
-        for part in str(v).split(","):
-            part = part.strip()
-            if part.endswith("%"):
-                pct = float(part[:-1])
-                if not 0 < pct < 100:
-                    raise ValueError("a percentage target must be between 0 and 100")
-            else:
-                _valid_count(part)
-        return str(v)
+            return v
+        return "" if cls.model_fields[info.field_name].annotation is str else 0
 
     @field_validator("drop_layers")
     @classmethod
@@ -250,6 +303,80 @@ class CompressConfig(BaseModel):
             "drop_layers", "target_shapes"))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the settings of one training stage
+
+
+def run_default(name: str):
+    """The default of a run-config field, written once above: DistillConfig, the CLI flags and the loss read it."""
+    return CompressConfig.model_fields[name].default
+
+
+@dataclass
+class DistillConfig:
+    """One training run (teacher correction, a candidate's short distillation, distillation): the run config's
+    optimisation and runtime fields under the same names and defaults (described in CompressConfig), plus the budget
+    and the knobs only the loop has. `parallel` and `activation_checkpointing` hold the stage's decision
+    (`minitron.plan.choose_parallelism`): never "auto"."""
+
+    tokens: int  # training budget in tokens, all ranks together (the unit the papers use)
+    batch_size: int = run_default("batch_size")  # sequences per micro-batch on each rank
+    grad_accum: int = run_default("grad_accum")
+    lr: float = run_default("lr")
+    min_lr: float = run_default("min_lr")
+    warmup_frac: float = run_default("warmup_frac")
+    weight_decay: float = run_default("weight_decay")  # AdamW decay, on matrices only (not norms, biases)
+    grad_clip: float = run_default("grad_clip")
+    kd_temperature: float = run_default("kd_temperature")
+    kd_top_k: int | None = run_default("kd_top_k")
+    ce_weight: float = run_default("ce_weight")
+    intermediate_weight: float = run_default("intermediate_weight")
+    eval_every: int = run_default("eval_every")  # also before the first and after the last step
+    val_batches: int = run_default("val_batches")  # validation micro-batches (of batch_size x world sequences)
+    checkpoint_every: int = run_default("checkpoint_every")
+    seed: int = run_default("seed")  # data order and initialisation of the intermediate projection
+    compile: bool = run_default("compile")
+    activation_checkpointing: bool = run_default("activation_checkpointing")
+    device: str = run_default("device")  # auto | cpu | cuda | cuda:<index>
+    dtype: str = run_default("dtype")  # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the trained model
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+    log_every: int = 10  # train-metric callback every N steps (each costs a device sync)
+    # tokens per chunk of the fused lm_head + KL: peak extra memory ~ 6 * chunk_tokens * vocab * 4 bytes (SmolLM2's
+    # 49K vocabulary: 300 MB at 256, 1.2 GB at 1024; 256 measured 0.7 GB less peak RSS in teacher correction on CPU)
+    chunk_tokens: int = 256
+    progress: bool = True  # tqdm progress bar on rank 0 (Prefect callers pass False and a callback)
+
+    def __post_init__(self):
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"DistillConfig.parallel must be ddp or fsdp, not {self.parallel!r}: resolve 'auto' "
+                             "with minitron.plan.choose_parallelism")
+
+    @classmethod
+    def from_run_config(cls, cfg, tokens_field: str = "distill_tokens", **overrides) -> DistillConfig:
+        """Map a `CompressConfig` (same field names) to a DistillConfig with the budget from `tokens_field`. The
+        run's `parallel: auto` stays at the one-process default unless the caller passes the stage's decision."""
+        values = {n: getattr(cfg, n) for n in shared_fields()}
+        if values.get("parallel") == "auto":
+            del values["parallel"]
+        values.update(overrides)
+        return cls(tokens=cfg.tokens(tokens_field), **values)
+
+    def steps(self, seq_len: int, world: int) -> int:
+        """Optimizer steps of the budget on `world` ranks; a UserError when it is smaller than one step."""
+        per_step = self.batch_size * seq_len * self.grad_accum * world
+        if self.tokens < per_step:
+            raise UserError(f"token budget {self.tokens:,} is smaller than one optimizer step ({self.batch_size} x "
+                            f"{seq_len} tokens x {self.grad_accum} accum x {world} ranks = {per_step:,}): raise "
+                            "the tokens or lower batch_size/seq_len")
+        return self.tokens // per_step
+
+
+def shared_fields() -> tuple[str, ...]:
+    """The DistillConfig fields that are run-config fields (the training settings a stage's worker receives)."""
+    return tuple(f.name for f in fields(DistillConfig) if f.name in CompressConfig.model_fields)
+
+
 def _coerce(raw: str):
     """A `--set` value as YAML reads it (numbers, booleans, null), so `--set lr=3e-4` is a float."""
     return yaml.safe_load(raw) if raw != "" else None
@@ -257,10 +384,13 @@ def _coerce(raw: str):
 
 def _first_error(err: ValidationError) -> str:
     e = err.errors()[0]
-    key = ".".join(str(x) for x in e["loc"]) or "config"
+    # the field, not the union branch pydantic tried ("max_corpus_tokens.function-before[...]")
+    key = ".".join(str(x) for x in e["loc"] if isinstance(x, int) or "[" not in x) or "config"
     if e["type"] == "extra_forbidden":
         return f"unknown config key '{key}' (see `minitron run --help-config` for the keys)"
-    return f"bad value for '{key}': {e['msg']}"
+    message = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]  # ours, without "Value error, "
+    shown = repr(e["input"]) if isinstance(e.get("input"), str | int | float) else None
+    return f"bad value for '{key}'" + (f" ({shown})" if shown else "") + f": {message}"
 
 
 def make_config(values: dict) -> CompressConfig:

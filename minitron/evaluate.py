@@ -258,23 +258,3 @@ def _value(results: dict, task: str, metric: str) -> float | None:
     if task == "params":
         return float(results["params"]) if "params" in results else None
     return task_metrics(results).get(task, {}).get(metric)
-
-
-def format_table(rows: list[dict]) -> str:
-    """Markdown table of `comparison_table` rows (values to 4 significant digits, % to one decimal)."""
-    if not rows:
-        return "(no results)"
-    columns = list(rows[0])
-
-    def cell(column: str, value) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            if column.endswith(" %"):
-                return f"{value:.1f}"
-            return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(c, row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)

@@ -272,6 +272,8 @@ def check_weights(spec: str, *, allow_pickle: bool = False) -> None:
     or a corrupt file fails here in one line, not deep inside a loader). Hub models are checked when downloaded."""
     if is_config_only(spec):
         raise UserError(f"'{spec}' is a config-only model: weights are needed for this command")
+    if HUB_ID.match(spec) and not Path(spec).expanduser().exists():  # its config may be shipped: no hub needed yet
+        return
     kind, where = _materialise(spec)
     if kind == "folder":
         _check_safe_weights(Path(where), allow_pickle)
@@ -322,8 +324,10 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | 
     kind, where = _materialise(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        # on a GPU the tensors go straight to it: no rank holds a host copy of the model on the way
         model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle)
+            where, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
+            device_map={"": str(device)} if device.type == "cuda" else None)
     except OSError as err:
         if kind == "hub":
             raise _hub_error(spec, err) from None
@@ -336,6 +340,27 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | 
     model.to(device).eval()
     model.name_or_path = spec  # remembered for metadata (scores files, manifests)
     return model, tokenizer
+
+
+def read_weights(spec: str) -> dict[str, torch.Tensor]:
+    """A model's safetensors as one state dict on the CPU, in the dtype they are stored in (a bf16 checkpoint stays
+    bf16: half the host memory of an fp32 copy). Keys as in the checkpoint, which our folders and the hub's checkpoints
+    of the supported families write as the model's own state-dict keys."""
+    from safetensors.torch import load_file
+
+    kind, where = _materialise(spec)
+    if kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        where = snapshot_download(spec, allow_patterns=["*.safetensors", "*.json"])
+    files = sorted(Path(where).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"'{spec}' has no *.safetensors weights, which sharded (FSDP) loading reads: convert them, "
+                        "or use parallel: ddp")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        weights.update(load_file(file))
+    return weights
 
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:

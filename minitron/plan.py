@@ -40,6 +40,7 @@ import copy
 import glob
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -350,6 +351,7 @@ class Stage:
     gpus: int = 1  # GPUs the stage runs on: max(nproc, FSDP world size it needs); 0 = does not fit
     gpu_hours: float | None = None
     note: str = ""
+    parallelism: Parallelism | None = None  # training stages: the decision the run executes (None: does not fit)
     jobs: int = 1  # independent trainings in the stage (the search's candidates), each on `gpus` GPUs
 
 
@@ -386,6 +388,7 @@ class Plan:
                         "tokens": s.tokens, "flops": s.flops, "gpus": s.gpus,
                         "peak_bytes": s.memory.peak if s.memory else None,
                         "memory": s.memory.parts if s.memory else None, "fit": s.fit, "gpu_hours": s.gpu_hours,
+                        "parallelism": s.parallelism.describe() if s.parallelism else None,
                         "note": s.note} for s in self.stages],
             "notes": self.notes,
             **({"nodes": self.nodes, "gpus_per_node": self.gpus_per_node,
@@ -471,6 +474,84 @@ def _fit(make, gpu: GPU, checkpointing: bool = False) -> tuple[Memory, int | Non
                                           f"(activations, loss, teacher): {hint}")
 
 
+@dataclass(frozen=True)
+class Parallelism:
+    """How a training stage uses its GPUs: the decision the dry run prints and the run executes."""
+
+    gpus: int  # processes (GPUs); 1 runs in the caller's process
+    parallel: str  # "ddp" (replicate the trained model) | "fsdp" (shard it), with more than one process
+    checkpointing: bool  # activation checkpointing of the trained model
+
+    def describe(self) -> str:
+        how = "1 process" if self.gpus == 1 else f"{self.parallel.upper()} x{self.gpus}"
+        return how + (", activation checkpointing" if self.checkpointing else "")
+
+
+def choose_parallelism(nproc: int, parallel: str, checkpointing: bool,
+                       fits: Callable[[int, bool], bool] | None) -> Parallelism | None:
+    """A training stage's parallelism from the run's `nproc`, `parallel` and `activation_checkpointing`.
+    `fits(shards, checkpointing)` says whether the per-GPU peak fits with the trained model sharded over `shards`
+    GPUs; None where no GPU memory applies (CPU processes). None back: nothing fits.
+
+    - ddp: nproc replicas; the stage must fit one GPU.
+    - fsdp: sharded over max(nproc, the fewest GPUs it fits on).
+    - auto: DDP x nproc when the stage fits one GPU, else FSDP as above. With activation_checkpointing off, auto
+      turns it on when that keeps the stage within nproc GPUs where it would not fit them without, or when nothing
+      fits without it (then it takes the fewer GPUs)."""
+    if fits is None:
+        return Parallelism(nproc, "ddp" if parallel == "auto" else parallel, checkpointing)
+    if parallel == "ddp":
+        return Parallelism(nproc, "ddp", checkpointing) if fits(1, checkpointing) else None
+    options = (checkpointing,) if checkpointing or parallel == "fsdp" else (False, True)
+    found = [(ck, shards) for ck in options
+             for shards in [next((n for n in FSDP_SIZES if fits(n, ck)), None)] if shards is not None]
+    if not found:
+        return None
+    within = [(ck, shards) for ck, shards in found if shards <= nproc]
+    ck, shards = within[0] if within else min(found, key=lambda f: (f[1], f[0]))
+    return Parallelism(max(nproc, shards), "fsdp" if parallel == "fsdp" or shards > 1 else "ddp", ck)
+
+
+def train_parallelism(cfg, student: Model, teacher: Model | None, gpu: GPU | None
+                      ) -> tuple[Parallelism | None, Memory | None, str]:
+    """(decision, per-GPU memory at it, verdict) of a training stage that trains `student` (against `teacher`, or
+    alone for teacher correction) on `gpu` (None: CPU processes). `cfg` holds the run's fields (a CompressConfig, or
+    the CLI's arguments of the same names). The dry run and every training task of the run call this."""
+    def make(shards: int, checkpointing: bool) -> Memory:
+        return training_memory(student, teacher, cfg.batch_size * cfg.seq_len, grad_accum=cfg.grad_accum,
+                               shards=shards, checkpointing=checkpointing)
+
+    if gpu is None:
+        chosen = choose_parallelism(cfg.nproc, cfg.parallel, cfg.activation_checkpointing, None)
+        return chosen, None, f"{chosen.describe()} on the CPU"
+    usable = USABLE * gpu.memory
+    chosen = choose_parallelism(cfg.nproc, cfg.parallel, cfg.activation_checkpointing,
+                                lambda shards, ck: make(shards, ck).peak <= usable)
+    if chosen is None:
+        mem, shards, fit = _fit(make, gpu, cfg.activation_checkpointing)
+        if shards is not None:  # only parallel: ddp keeps it from fitting
+            fit = (f"does not fit one GPU under parallel: ddp ({_bytes(make(1, cfg.activation_checkpointing).peak)} "
+                   f"of {_bytes(usable)}): parallel: fsdp or auto shards it (FSDP x{shards})")
+        return None, mem, fit
+    mem = make(chosen.gpus if chosen.parallel == "fsdp" else 1, chosen.checkpointing)
+    return chosen, mem, f"{chosen.describe()} ({_bytes(mem.peak)} of {_bytes(usable)} per GPU)"
+
+
+def local_gpu(device: str = "auto") -> GPU | None:
+    """The GPU this machine's stages run on, as the planner sees it; None where they run on the CPU. A card of the
+    table is its entry, so the run sizes stages exactly as `--dry-run --gpu <that card>` does."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    name = props.name.lower().replace(" ", "")
+    for known in GPUS.values():
+        if known.name.split("-")[0] in name and abs(props.total_memory - known.memory) < 0.1 * known.memory:
+            return known
+    return GPU(props.name, props.total_memory, 0.0)
+
+
 def _fit_forward(mem: Memory, gpu: GPU) -> str:
     usable = USABLE * gpu.memory
     if mem.peak <= usable:
@@ -488,15 +569,15 @@ def _at(config, shape: Shape):
     return out
 
 
-def make_plan(cfg: CompressConfig, gpu: str = "h100-80gb", mfu: float | None = None, root: str | Path = ".",
+def make_plan(cfg: CompressConfig, gpu: str | GPU = "h100-80gb", mfu: float | None = None, root: str | Path = ".",
               teacher_config=None, nodes: int | None = None, gpus_per_node: int = 8) -> Plan:
-    """The plan of `cfg` on `gpu` (and on `nodes` nodes of `gpus_per_node` GPUs). `teacher_config` skips reading
-    the teacher's config (tests)."""
+    """The plan of `cfg` on `gpu` (a name of the table or a GPU; and on `nodes` nodes of `gpus_per_node` GPUs).
+    `teacher_config` skips reading the teacher's config (tests)."""
     from minitron.models import load_config
 
-    if gpu not in GPUS:
+    if isinstance(gpu, str) and gpu not in GPUS:
         raise UserError(f"unknown GPU '{gpu}': use one of {', '.join(GPUS)}")
-    g = GPUS[gpu]
+    g = GPUS[gpu] if isinstance(gpu, str) else gpu
     if mfu is not None:
         if not 0 < mfu <= 1:
             raise UserError(f"mfu {mfu} must be in (0, 1]")
@@ -517,24 +598,20 @@ def make_plan(cfg: CompressConfig, gpu: str = "h100-80gb", mfu: float | None = N
                 max_data_parallel=cfg.grad_accum * cfg.nproc)
     seq = cfg.seq_len
     micro = cfg.batch_size * seq
-    chunk = _chunk_tokens()
 
     def hours(flops: float) -> float:
         return flops / (mfu * g.bf16_flops) / 3600
 
     def train_stage(name: str, student: Model, teacher_m: Model | None, tokens: int, parent: Model,
                     note: str = "") -> Stage:
-        mem, shards, fit = _fit(lambda s, ck: training_memory(
-            student, teacher_m, micro, grad_accum=cfg.grad_accum, chunk=chunk, shards=s, checkpointing=ck), g,
-            cfg.activation_checkpointing)
+        chosen, mem, fit = train_parallelism(cfg, student, teacher_m, g)
         flops = train_flops(student, tokens, seq) + (forward_flops(teacher_m, tokens, seq) if teacher_m else 0)
-        gpus = max(cfg.nproc, shards or 0)
-        per_step = micro * cfg.grad_accum * gpus
+        gpus = chosen.gpus if chosen else 0
+        per_step = micro * cfg.grad_accum * max(gpus, cfg.nproc)
         if tokens < per_step:
             raise UserError(f"{name}: budget of {tokens:,} tokens is below one optimizer step ({per_step:,} "
                             "tokens = batch_size x seq_len x grad_accum x GPUs)")
-        return Stage(name, "train", parent, student, tokens, flops, mem, fit, gpus if shards else 0, hours(flops),
-                     note)
+        return Stage(name, "train", parent, student, tokens, flops, mem, fit, gpus, hours(flops), note, chosen)
 
     if cfg.correct_teacher:
         tokens = cfg.tokens("correction_tokens")

@@ -75,16 +75,29 @@ def plot_pareto(candidates, path, winner_index: int | None = None, title: str | 
     return _save(fig, path)
 
 
-def plot_head_importance(scores, path) -> Path:
-    """Heatmap of query-head importance, layers × heads."""
+def plot_head_importance(scores, path, kept=None, title: str | None = None) -> Path:
+    """Heatmap of query-head importance, layers × heads; `kept` ([layers, heads] bools, `prune.kept_heads`) crosses
+    out the heads a pruned shape removes (whole rows for dropped layers)."""
     heads = scores.heads.float().numpy()
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * heads.shape[1] + 2), max(3, 0.22 * heads.shape[0] + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * heads.shape[1] + 2), max(3.5, 0.22 * heads.shape[0] + 1.5)))
     im = ax.imshow(heads, aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="importance")
+    if kept is not None:
+        layer, head = (~kept.bool()).nonzero(as_tuple=True)
+        ax.scatter(head.numpy(), layer.numpy(), marker="x", s=40, color="tab:red", linewidths=1.5)
+    _integer_ticks(ax.xaxis, ax.yaxis)
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
-    ax.set_title("attention-head importance")
+    ax.set_title(title or ("attention-head importance" + ("\n× = pruned" if kept is not None else "")), fontsize=10)
     return _save(fig, path)
+
+
+def _integer_ticks(*axes) -> None:
+    """Layer and head axes count things: ticks at whole numbers only."""
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in axes:
+        axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_layer_importance(scores, path) -> Path:
@@ -97,6 +110,7 @@ def plot_layer_importance(scores, path) -> Path:
         ax.bar(range(len(values)), values, color="tab:blue")
         ax.set_ylabel(name, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
+        _integer_ticks(ax.xaxis)
     axes[-1, 0].set_xlabel("layer")
     axes[0, 0].set_title("layer importance")
     return _save(fig, path)

@@ -74,6 +74,18 @@ def _attention_rows(scores: ImportanceScores, layer: int, full: Shape, shape: Sh
     return torch.tensor(q_heads), groups
 
 
+def kept_heads(scores: ImportanceScores, shape: Shape, drop_layers: tuple[int, int] | None = None,
+               layer_metric: str = "loss") -> torch.Tensor:
+    """[layers, query heads] of the scored model, True where `prune` to `shape` keeps the head (a dropped layer
+    keeps none): the same choice as `prune`, for plots and reports."""
+    n_layers, n_heads = scores.heads.shape
+    full = Shape(n_layers, len(scores.hidden), scores.neurons.shape[1], n_heads, scores.kv_groups.shape[1], 0)
+    kept = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    for layer in kept_layers(scores, n_layers, shape.layers, drop_layers, layer_metric):
+        kept[layer, _attention_rows(scores, layer, full, shape)[0]] = True
+    return kept
+
+
 def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Weight rows of the given heads (head h owns rows h*head_dim ... (h+1)*head_dim - 1)."""
     return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)

@@ -6,6 +6,7 @@ results.json; the comparison table (absolute and % of teacher) goes to MLflow, P
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from prefect import get_run_logger
@@ -13,13 +14,16 @@ from prefect import get_run_logger
 from minitron.config import CompressConfig
 from tasks import tracking
 from tasks.common import RunContext, fetch, model_spec, stage, stage_params, stage_task
-from tasks.proc import run_group
 
 
 def _run_cli(args: list[str], what: str) -> None:
+    """`minitron <args>` in its own process group (cancellation kills it), its last lines kept for the error."""
+    from minitron.proc import run_group
+
     log = get_run_logger()
     tail: list[str] = []
-    code = run_group(args, on_line=lambda line: (tail.append(line), tail.__delitem__(slice(0, -20))))
+    code = run_group([sys.executable, "-m", "minitron.cli", *args],
+                     on_line=lambda line: (tail.append(line), tail.__delitem__(slice(0, -20))))
     if code != 0:
         log.error("%s failed:\n%s", what, "\n".join(tail))
         raise RuntimeError(f"{what} exited with status {code}: {tail[-1] if tail else ''}")
@@ -43,36 +47,51 @@ def _pruned_folder(config: CompressConfig, ctx: RunContext, pruned: dict, out: P
     return str(out)
 
 
+def evaluate_args(config: CompressConfig, model: str, out: Path) -> list[str]:
+    """`minitron evaluate` of `model` on the run's corpus split and runtime: its data and model options are run-config
+    fields under the same names (minitron/commands/common.py), so each is passed as the config holds it."""
+    from minitron.commands.common import DATA_ARGS, MODEL_ARGS
+
+    args = ["evaluate", model, "--preset", config.eval_preset, "--data", config.data, "--out", str(out)]
+    for name in (*DATA_ARGS, *MODEL_ARGS):
+        value, flag = getattr(config, name), f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        elif value is not None:
+            args += [flag, str(value)]
+    return args + (["--limit", str(config.eval_limit)] if config.eval_limit else [])
+
+
 @stage_task("evaluate")
 def evaluate_models(config: CompressConfig, ctx: RunContext, teacher: dict, pruned: dict, student: dict) -> dict:
     from prefect.artifacts import create_table_artifact
 
-    from minitron.evaluate import comparison_table, flatten_metrics, format_table
+    from minitron.evaluate import comparison_table, flatten_metrics
+    from minitron.report import evaluation_tables, markdown_table
 
     params = stage_params(config, "eval_preset", "eval_limit", "data")
     results: dict[str, dict] = {}
     with stage(ctx, "evaluate", params) as s:
         models = {"teacher": model_spec(ctx, teacher), "pruned": _pruned_folder(config, ctx, pruned, s.work / "pruned"),
                   "final": model_spec(ctx, student)}
-        for name, path in models.items():
+        for i, (name, path) in enumerate(models.items()):
+            s.progress(100.0 * i / len(models), f"evaluate: {name} model ({i + 1} of {len(models)})")
             out = s.work / f"{name}.json"
             if not out.is_file():  # finished evaluations survive a retry of the stage
-                args = ["evaluate", path, "--preset", config.eval_preset, "--data", config.data, "--val-fraction",
-                        str(config.val_fraction), "--seed", str(config.seed), "--device", config.device,
-                        "--dtype", config.dtype, "--out", str(out)]
-                if config.eval_limit:
-                    args += ["--limit", str(config.eval_limit)]
-                _run_cli(args, f"lm-eval on the {name} model")
+                _run_cli(evaluate_args(config, path, out), f"lm-eval on the {name} model")
             results[name] = json.loads(out.read_text())
             with tracking.child_run(ctx.parent_run_id, f"evaluate {name}", {"model": path},
                                     tracking_uri=ctx.tracking_uri) as run:
                 run.log_metrics(flatten_metrics(results[name]))
                 run.log_artifact(out, None)
         rows = comparison_table(results, teacher="teacher")
-        table = format_table(rows)
+        absolute, relative = evaluation_tables(rows, list(models), teacher="teacher")
+        table = f"{markdown_table(absolute)}\n\n{markdown_table(relative)}"
         s.run.log_text(table, "comparison.md")
         s.run.log_dict(results, "results.json")
-        create_table_artifact(rows, key="evaluation", description="teacher vs pruned (before distillation) vs "
-                              "final student: absolute values and % of the teacher")
+        create_table_artifact(absolute, key="evaluation", description="teacher vs pruned (before distillation) vs "
+                              "final student")
+        create_table_artifact(relative, key="evaluation-vs-teacher", description="pruned and final student as % "
+                              "of the teacher (for ↓ metrics, above 100 is worse)")
     get_run_logger().info("evaluation:\n%s", table)
     return {"results": results, "table": table}

@@ -9,11 +9,13 @@ exactly the bytes the manifest vouches for.
 
 from __future__ import annotations
 
-from prefect import task
+from pathlib import Path
+
+from prefect import get_run_logger, task
 
 from minitron.config import CompressConfig, format_count
 from tasks import tracking
-from tasks.common import RunContext
+from tasks.common import RunContext, fetch
 
 
 def registered_name(config: CompressConfig) -> str:
@@ -35,11 +37,12 @@ def _register(ctx: RunContext, name: str, student: dict) -> str:
     return version.version
 
 
-@task(name="export", persist_result=True)
+@task(name="export", task_run_name="export", persist_result=True)
 def export_student(config: CompressConfig, ctx: RunContext, teacher: dict, pruned: dict, student: dict,
                    report: dict | None) -> dict:
     from prefect.artifacts import create_markdown_artifact
 
+    from minitron.report import candidate_table, kendall_line, markdown_table, shape_label, sig
     from tasks.storage import open_store
 
     parent = tracking.Run(tracking._client(ctx.tracking_uri), ctx.parent_run_id)
@@ -49,30 +52,55 @@ def export_student(config: CompressConfig, ctx: RunContext, teacher: dict, prune
     parent.set_tags({"final_checkpoint_uri": student["uri"], "registered_model": f"{name}/{version}"})
     parent.log_metrics({"final_params": student["params"], "final_val_kl": student["val_kl"],
                         "compression": teacher["params"] / student["params"]})
+    try:  # a plot, logged after the registration: never the reason a finished run fails
+        _log_pruned_heads(config, ctx, parent, pruned)
+    except Exception as err:
+        get_run_logger().warning("the pruned-heads heatmap was not logged: %s: %s", type(err).__name__, err)
+    experiment_id = parent.info.experiment_id
+    experiment = tracking.retry(parent.client.get_experiment, experiment_id).name
+    run_link, experiment_link = (tracking.run_url(ctx.tracking_uri, experiment_id, ctx.parent_run_id),
+                                 tracking.experiment_url(ctx.tracking_uri, experiment_id))
     lines = [f"# {config.name}: {config.teacher} → {format_count(student['params'])}", "",
-             "| model | parameters | checkpoint |", "|---|---|---|",
-             f"| teacher | {format_count(teacher['params'])} | `{teacher['uri']}` |",
-             f"| pruned winner `{pruned.get('name')}` | {format_count(pruned['params'])} | re-pruned from teacher |",
-             f"| final student | {format_count(student['params'])} | `{student['uri']}` |", "",
-             f"Validation KL to the teacher: {_fmt(pruned.get('proxy_kl'))} right after pruning, "
-             f"{student['val_kl_before']:.4f} when the final distillation started, {student['val_kl']:.4f} at its end.",
-             ""]
+             markdown_table([
+                 {"model": "teacher", "parameters": format_count(teacher["params"])},
+                 {"model": f"pruned winner {shape_label(pruned['shape'], pruned.get('drop'))} (re-pruned from the "
+                           "teacher)", "parameters": format_count(pruned["params"])},
+                 {"model": "final student", "parameters": format_count(student["params"])}]), "",
+             f"Validation KL to the teacher: {sig(pruned.get('proxy_kl'))} right after pruning, "
+             f"{sig(student['val_kl_before'])} when the final distillation started, {sig(student['val_kl'])} at its "
+             "end.", "", f"- teacher checkpoint: `{teacher['uri']}`", f"- final checkpoint: `{student['uri']}`", ""]
     if pruned.get("table"):
-        lines += ["## Candidates", "", "| candidate | params | proxy KL | KL after short distillation | status |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {format_count(r['params'])} | {_fmt(r.get('proxy_kl'))} | "
-                  f"{_fmt(r.get('final_kl'))} | {r['status']} |" for r in pruned["table"]]
-        lines += ["", f"Kendall τ (proxy vs distilled ranking): {_fmt(pruned.get('kendall_tau'))}", ""]
+        winner = next((r["index"] for r in pruned["table"] if r["name"] == pruned.get("name")), None)
+        lines += ["## Candidates", "", markdown_table(candidate_table(pruned["table"], winner)), "",
+                  kendall_line(pruned.get("kendall_tau")), ""]
     if report:
         lines += ["## Evaluation", "", report["table"], ""]
-    lines += [f"MLflow parent run: `{ctx.parent_run_id}` at {tracking.scrub(ctx.tracking_uri)}; "
-              f"registered model `{name}` version {version}."]
+    if run_link:
+        lines += [f"MLflow: [parent run]({run_link}) in experiment [{experiment}]({experiment_link}) (stages and "
+                  f"candidates are its child runs); registered model `{name}` version {version}."]
+    else:  # a local store: its UI is `mlflow ui` on that store
+        lines += [f"MLflow parent run `{ctx.parent_run_id}` in `{tracking.scrub(ctx.tracking_uri)}` (browse it with "
+                  f"`mlflow ui --backend-store-uri {tracking.scrub(ctx.tracking_uri)}`); registered model `{name}` "
+                  f"version {version}."]
     summary = "\n".join(lines)
     parent.log_text(summary, "summary.md")
     create_markdown_artifact(summary, key="summary", description="teacher, candidates and final student")
     return {"summary": summary, "final_uri": student["uri"], "registered_model": name, "version": version,
-            "parent_run_id": ctx.parent_run_id, "tracking_uri": tracking.scrub(ctx.tracking_uri)}
+            "parent_run_id": ctx.parent_run_id, "tracking_uri": tracking.scrub(ctx.tracking_uri),
+            "mlflow_url": run_link}
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.4f}"
+def _log_pruned_heads(config: CompressConfig, ctx: RunContext, parent: tracking.Run, pruned: dict) -> None:
+    """The head-importance heatmap with the heads the winner prunes crossed out, on the parent run."""
+    from minitron.archmath import Shape
+    from minitron.importance import ImportanceScores
+    from minitron.plots import plot_head_importance
+    from minitron.prune import kept_heads
+    from minitron.report import shape_label
+
+    scores = ImportanceScores.load(fetch(ctx, pruned["scores"]["uri"]) / pruned["scores"]["file"])
+    drop = tuple(pruned["drop"]) if pruned.get("drop") else None
+    kept = kept_heads(scores, Shape(**pruned["shape"]), drop, config.layer_metric)
+    out = Path(ctx.work_dir) / "export" / "head_importance_pruned.png"
+    title = f"attention-head importance\n× = pruned for {shape_label(pruned['shape'], drop)}"
+    parent.log_artifact(plot_head_importance(scores, out, kept=kept, title=title), "importance")

@@ -17,14 +17,17 @@ from prefect import get_run_logger
 from minitron.config import CompressConfig, format_count
 from tasks.common import (
     RunContext,
+    counted,
     fetch,
     load_run_data,
     load_run_model,
+    model_spec,
     run_stage,
     stage,
     stage_params,
     stage_task,
     submit_stage,
+    training_stage,
 )
 
 
@@ -75,25 +78,34 @@ def rank_candidates(config: CompressConfig, ctx: RunContext, teacher: dict, scor
 def distill_candidate(config: CompressConfig, ctx: RunContext, teacher: dict, scores: dict, row: dict) -> dict:
     """The same short distillation for every candidate (same data order, seed and budget)."""
     from minitron import search
-    from minitron.distill import DistillConfig
-    from minitron.models import save_model
 
     candidate = search.CandidateRow.from_dict(row)
-    with stage(ctx, f"candidate {candidate.name}", {**_shape_params(row), "proxy_kl": row["proxy_kl"]},
-               total_tokens=config.tokens("search_tokens")) as s:
+    teacher_spec = model_spec(ctx, teacher)
+    with training_stage(ctx, config, f"candidate {candidate.name}", {**_shape_params(row), "proxy_kl":
+                        row["proxy_kl"]}, budget="search_tokens", trained=counted(teacher_spec, row["shape"]),
+                        teacher=counted(teacher_spec)) as (s, train):
         model, tokenizer = load_run_model(config, teacher, ctx)
-        short = search.ShortDistill(DistillConfig.from_run_config(config, "search_tokens", progress=False),
-                                    tokenizer)
-        student = search.distill_candidate(
+
+        def short_distill(teacher_model, pruned, data, *, tokens, seed, out_dir, callback):
+            """The training call of every training stage, on the pruned candidate saved to a local folder."""
+            from minitron.models import save_model
+
+            folder = save_model(pruned, tokenizer, s.work / "pruned")
+            for saved in (teacher_model, pruned):  # the worker loads its own copies: free these before it does
+                saved.to("meta")
+            result = train("distill", model=str(folder), teacher=teacher_spec, out=out_dir, callback=callback,
+                           tokens=tokens, seed=seed)
+            return result.pop("folder"), result
+
+        folder = search.distill_candidate(
             model, _load_scores(ctx, scores), load_run_data(config, tokenizer), candidate,
             tokens=config.tokens("search_tokens"), seed=config.seed, make_candidate=_make_candidate(config),
-            short_distill=short, out_dir=s.work / "run",
+            short_distill=short_distill, out_dir=s.work / "run",
             on_event=lambda e: s.on_metrics(e["metrics_point"]) if e["event"] == "progress" else None)
-        if student is None:  # the child run ends FAILED; the flow logs it and goes on without this candidate
+        if folder is None:  # the child run ends FAILED; the flow logs it and goes on without this candidate
             raise RuntimeError(candidate.error)
         s.run.log_metrics({"final_kl": candidate.final_kl, "proxy_kl": candidate.proxy_kl})
-        save_model(student, tokenizer, s.work / "model")
-        return {**candidate.to_dict(), "uri": s.publish(s.work / "model"), "mlflow_run_id": s.run.run_id}
+        return {**candidate.to_dict(), "uri": s.publish(folder), "mlflow_run_id": s.run.run_id}
 
 
 @stage_task("select-architecture")
@@ -103,6 +115,7 @@ def select_architecture(config: CompressConfig, ctx: RunContext, target: int, pr
     from prefect.artifacts import create_table_artifact
 
     from minitron.plots import plot_pareto
+    from minitron.report import candidate_table, kendall_line
     from minitron.search import CandidateRow, select
 
     done = {r["index"]: r for r in distilled}
@@ -121,20 +134,13 @@ def select_architecture(config: CompressConfig, ctx: RunContext, target: int, pr
         plot = plot_pareto(rows, s.work / "pareto.png", winner_index=winner["index"],
                            title=f"search for {format_count(target)}: parameters vs validation KL")
         s.run.log_artifact(plot)
-        create_table_artifact(
-            [{"candidate": r["name"], "kind": r["kind"], "params": r["params"], "proxy_kl": _round(r["proxy_kl"]),
-              "final_kl": _round(r["final_kl"]), "status": r["status"] + (" (winner)" if r is winner else "")}
-             for r in rows],
-            key=f"search-{target}", description=f"Candidates for {format_count(target)}: winner {winner['name']}, "
-            f"Kendall tau (proxy vs distilled) = {'n/a' if tau is None else f'{tau:.2f}'}")
+        create_table_artifact(candidate_table(rows, winner["index"]), key=f"search-{target}",
+                              description=f"Candidates for {format_count(target)}, best proxy KL first. "
+                              f"{kendall_line(tau)}")
     get_run_logger().info("search %s: winner %s (val KL %.4f), Kendall tau %s", format_count(target),
                           winner["name"], winner["final_kl"], tau)
     return {"uri": winner["uri"], "params": winner["params"], "shape": winner["shape"], "drop": winner["drop"],
             "name": winner["name"], "proxy_kl": winner["proxy_kl"], "kendall_tau": tau, "table": rows}
-
-
-def _round(x):
-    return None if x is None else round(x, 4)
 
 
 def search_architecture(config: CompressConfig, ctx: RunContext, teacher: dict, scores: dict, target: int) -> dict:

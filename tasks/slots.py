@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 from minitron.errors import UserError
+from minitron.proc import physical_ids
 
 WAIT_LOG_EVERY_S = 30.0  # a waiting stage names the holders this often
 POLL_S = 0.5  # how often a waiting stage tries again (flock cannot wait for k locks at once)
@@ -39,13 +40,6 @@ def visible_gpus(device: str) -> tuple[int, ...]:
     from minitron.models import resolve_device
 
     return tuple(range(torch.cuda.device_count())) if resolve_device(device).type == "cuda" else ()
-
-
-def physical_ids(indices: tuple[int, ...]) -> list[str]:
-    """What the CUDA indices of this process are on the machine: CUDA_VISIBLE_DEVICES renumbers them, and two
-    processes that see different subsets must still lock the same GPU under the same name."""
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    return [visible[i] if i < len(visible) else str(i) for i in indices]
 
 
 def _lock_file(folder: Path, device: str) -> Path:

@@ -181,18 +181,53 @@ def _client(tracking_uri: str | None):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+# The experiment tag MLflow reads for the kind of work an experiment holds: model training (runs table, metric
+# charts), not GenAI (traces). MLflow 3.17's own UI decides its GenAI / Model-training view per browser instead (the
+# switch at its top left, or `workflowType=` in the URL), so every MLflow link we hand out also carries UI_VIEW.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_VIEW = "workflowType=machine_learning"
+
+
 def ensure_experiment(name: str, *, tracking_uri: str | None = None, artifact_location: str | None = None) -> str:
-    """Experiment id, created on first use (artifact_location only applies then; servers pick their own)."""
+    """Experiment id, created on first use as a model-training experiment (artifact_location only applies then;
+    servers pick their own); an existing experiment without the kind tag gets it."""
     client = _client(tracking_uri)
     experiment = retry(client.get_experiment_by_name, name)
     if experiment is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:
+                retry(client.set_experiment_tag, experiment.experiment_id, key, value)
         return experiment.experiment_id
     try:
-        return retry(client.create_experiment, name, artifact_location=artifact_location)
+        return retry(client.create_experiment, name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
     except Exception as e:  # created meanwhile by a parallel flow run
         if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
             raise
         return retry(client.get_experiment_by_name, name).experiment_id
+
+
+def ui_base(tracking_uri: str) -> str | None:
+    """Where a browser opens the MLflow UI of this tracking URI: `MINITRON_MLFLOW_UI_URL` when set (a server that
+    workers reach under another name, e.g. http://mlflow:5000 in compose), else the server's own URL without
+    credentials; None for a local store (SQLite, folder), which has no UI until `mlflow ui` serves it."""
+    if base := os.environ.get("MINITRON_MLFLOW_UI_URL"):
+        return base.rstrip("/")
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme not in ("http", "https"):
+        return None
+    return urlunparse(parsed._replace(netloc=parsed.netloc.rsplit("@", 1)[-1])).rstrip("/")
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The MLflow UI page of one run, in the Model-training view."""
+    base = ui_base(tracking_uri)
+    return base and f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_VIEW}"
+
+
+def experiment_url(tracking_uri: str, experiment_id: str) -> str | None:
+    """The MLflow UI's runs table of one experiment."""
+    base = ui_base(tracking_uri)
+    return base and f"{base}/#/experiments/{experiment_id}/runs?{UI_VIEW}"
 
 
 # Metric keys. Few and stable, so runs line up in the compare view: a record's other fields are not logged.
@@ -205,6 +240,15 @@ class Run:
 
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
+        self._rate_step = None  # last step whose tokens_per_s was logged: one value per step
+
+    def url(self, tracking_uri: str) -> str | None:
+        """This run's page in the MLflow UI (None for a local store)."""
+        return run_url(tracking_uri, self.info.experiment_id, self.run_id)
+
+    def describe(self, markdown: str) -> None:
+        """The run's description in the MLflow UI (rendered as markdown: links work)."""
+        self.set_tags({"mlflow.note.content": markdown})
 
     @property
     def info(self):
@@ -235,8 +279,16 @@ class Run:
             retry(self.client.log_batch, self.run_id, metrics=items[i : i + 1000])
 
     def log_progress(self, record: dict) -> None:
-        """A training/validation callback record ({"step", "loss", "lr", "tokens_per_s", "val_kl", ...})."""
-        self.log_metrics({k: record[k] for k in METRIC_KEYS if k in record}, step=int(record.get("step", 0)))
+        """A training/validation callback record ({"step", "loss", "lr", "tokens_per_s", "val_kl", ...}). The train
+        and the validation record of one step both carry tokens_per_s: the first one is kept, so its chart does not
+        jump back and forth within a step."""
+        step = int(record.get("step", 0))
+        metrics = {k: record[k] for k in METRIC_KEYS if k in record}
+        if "tokens_per_s" in metrics:
+            if step == self._rate_step:
+                del metrics["tokens_per_s"]
+            self._rate_step = step
+        self.log_metrics(metrics, step=step)
 
     def log_dict(self, obj, artifact_file: str) -> None:
         """JSON (or YAML by suffix) artifact, scrubbed."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.deployments import NIGHTLY_CRON, deployments
+from flows.deployments import NIGHTLY_CRON, deployments, replace_old_schedule, schedule_label
 from minitron.config import CompressConfig, load_config_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,9 +47,27 @@ def test_schedules(built, monkeypatch):
     (schedule,) = nightly.schedules
     assert schedule.schedule.cron == NIGHTLY_CRON == "0 2 * * *"
     assert schedule.schedule.timezone == "Asia/Tokyo"
+    # the timezone in words, not only on hover: the schedule's slug (the deployment page shows it) and description
+    assert schedule.slug == schedule_label("Asia/Tokyo") == "nightly at 02:00 Asia/Tokyo"
+    assert "nightly at 02:00 Asia/Tokyo" in nightly.description
     monkeypatch.delenv("MINITRON_TIMEZONE")
     (schedule,) = deployments()[1].schedules
     assert schedule.schedule.timezone == "UTC"  # stated, not left to a bare cron's implicit UTC
+    assert schedule.slug == "nightly at 02:00 UTC"
+
+
+def test_one_preset_serves_both_deployments(monkeypatch):
+    """`serve --preset tiny` gives both deployments tiny's values; --nightly-preset gives the nightly its own."""
+    from minitron.cli import main
+
+    monkeypatch.chdir(ROOT)
+    on_demand, nightly = deployments("tiny")
+    assert on_demand.parameters == nightly.parameters and nightly.parameters["config"]["name"] == "tiny"
+    served = []
+    monkeypatch.setattr("flows.deployments.serve", lambda *args, **kwargs: served.append(args))
+    assert main(["serve", "--preset", "tiny"]) == 0 and served[-1] == ("tiny", None)
+    assert main(["serve", "--preset", "tiny", "--nightly-preset", "demo-cpu"]) == 0
+    assert served[-1] == ("tiny", "demo-cpu")
 
 
 def test_form_schema_is_flat_with_choices(built):
@@ -79,6 +97,8 @@ def test_prefect_yaml_declares_the_same_deployments(built):
     assert "schedules" not in declared["compress-on-demand"]
     (schedule,) = declared["compress-nightly"]["schedules"]
     assert schedule["cron"] == NIGHTLY_CRON and schedule["timezone"]  # explicit timezone, never a bare cron
+    assert schedule["slug"] == schedule_label(schedule["timezone"])  # the page names the timezone in words
+    assert schedule_label(schedule["timezone"]) in declared["compress-nightly"]["description"]
 
 
 # -- a real server: bad parameters are refused when the flow run is created -----------------------------------------
@@ -90,19 +110,30 @@ def registered(tmp_path_factory):
     with prefect_test_harness(server_startup_timeout=180):
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(ROOT)
+            mp.setenv("MINITRON_TIMEZONE", "UTC")  # then served in infra/prefect.yaml's Europe/Berlin below
             on_demand, nightly = deployments("tiny", "tiny")
-            yield on_demand.apply(), nightly.apply()
+            ids = on_demand.apply(), nightly.apply()
+            mp.setenv("MINITRON_TIMEZONE", "Europe/Berlin")
+            _, nightly = deployments("tiny", "tiny")
+            replace_old_schedule(nightly)  # what `minitron serve` does before registering
+            assert nightly.apply() == ids[1]
+            yield ids
 
 
 BAD = [
     ({"seq_len": "banana"}, "seq_len"),  # wrong type
     ({"dtype": "fp8"}, "dtype"),  # not one of the Literal choices
     ({"seq_len": 4}, "seq_len"),  # below the field's ge=16
+    ({"target_params": "banana"}, "target_params"),  # counts: the schema's pattern
+    ({"distill_tokens": "55%"}, "distill_tokens"),  # a percentage is a target, not a token budget
+    ({"max_corpus_tokens": "lots"}, "max_corpus_tokens"),  # a nullable count
+    ({"teacher": None}, "teacher"),  # a required field left out
 ]
 
 
 @pytest.mark.services
-@pytest.mark.parametrize(("change", "field"), BAD, ids=["type", "literal", "minimum"])
+@pytest.mark.parametrize(("change", "field"), BAD,
+                         ids=["type", "literal", "minimum", "target", "tokens", "nullable-count", "required"])
 def test_server_rejects_bad_parameters(registered, change, field):
     """Prefect enforces the deployment's parameter schema on create: 409 naming the field, and no flow run exists
     (so no worker or `serve` can ever pick one up)."""
@@ -111,7 +142,8 @@ def test_server_rejects_bad_parameters(registered, change, field):
     from prefect.exceptions import PrefectHTTPStatusError
 
     on_demand_id, _ = registered
-    config = {**load_config_file(PRESET).model_dump(mode="json"), **change}
+    config = {k: v for k, v in {**load_config_file(PRESET).model_dump(mode="json"), **change}.items() if v is not None
+              or k not in change}
     with get_client(sync_client=True) as client:
         only_this = DeploymentFilter(id=DeploymentFilterId(any_=[on_demand_id]))
         before = len(client.read_flow_runs(deployment_filter=only_this))
@@ -131,8 +163,10 @@ def test_server_accepts_good_parameters_and_keeps_schedule(registered):
     with get_client(sync_client=True) as client:
         run = client.create_flow_run_from_deployment(on_demand_id, parameters={"config": config})
         assert run.state.is_scheduled() and run.parameters["config"]["name"] == "edited"
+        # served again in another timezone: the new schedule replaced the old one, not joined it
         (schedule,) = client.read_deployment(nightly_id).schedules
-        assert (schedule.schedule.cron, schedule.schedule.timezone) == (NIGHTLY_CRON, "UTC")
+        assert (schedule.schedule.cron, schedule.schedule.timezone) == (NIGHTLY_CRON, "Europe/Berlin")
+        assert schedule.slug == "nightly at 02:00 Europe/Berlin"
 
 
 @pytest.mark.services
@@ -161,3 +195,28 @@ def test_prefect_deploy_of_prefect_yaml(registered, tmp_path):
             assert CompressConfig.model_validate(deployment.parameters["config"]) == demo
         (schedule,) = client.read_deployment_by_name("compress/compress-nightly").schedules
         assert schedule.schedule.cron == NIGHTLY_CRON and schedule.schedule.timezone == "Europe/Berlin"
+
+
+@pytest.mark.services
+def test_a_bad_value_past_the_schema_fails_in_preflight_in_one_line(registered):
+    """The form's "Validate parameters" unticked (or an API client with enforce_parameter_schema false): the server
+    creates the run, which fails in its first seconds, before any stage, its state message one line naming the field
+    and its accepted forms."""
+    from prefect import get_client
+    from prefect.flow_engine import run_flow
+
+    from flows.compress import compress
+
+    on_demand_id, _ = registered
+    config = {**load_config_file(PRESET).model_dump(mode="json"), "target_params": "banana"}
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", "/deployments/{id}/create_flow_run", path_params={"id": on_demand_id},
+                                  json={"parameters": {"config": config}, "enforce_parameter_schema": False})
+        flow_run = client.read_flow_run(response.json()["id"])
+        state = run_flow(compress, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+        assert state.is_failed()
+        message = client.read_flow_run(flow_run.id).state.message
+        assert "\n" not in message and "Traceback" not in message
+        assert message.endswith("bad value for 'target_params' ('banana'): use a parameter count (70M, 4.5B), a "
+                                "percentage of the teacher (55%) or a comma list for iterative pruning (8B,4B)")
+        assert not [t for t in client.read_task_runs() if t.flow_run_id == flow_run.id]  # no stage ran

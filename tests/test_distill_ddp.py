@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,56 @@ def test_correct_teacher_cli(tmp_path, folders, corpus, capsys):
     assert [r["step"] for r in records] == [0, 4, 8] and records[0]["val_kl"] is None
     assert records[-1]["val_ce"] == pytest.approx(after, abs=1e-4)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_killed_two_process_distillation_resumes_from_its_last_checkpoint(tmp_path, folders, corpus):
+    """SIGKILL of the process that launched 2 FSDP ranks mid-run takes the ranks down with it (no orphan keeps
+    training into the folder); the same command with --resume continues from the last checkpoint and ends where
+    one process at the same global batch ends."""
+    import signal
+
+    import psutil
+    from transformers import AutoModelForCausalLM
+
+    def argv(out, batch, nproc, *extra):  # 60 steps of 4 sequences, a checkpoint every 10, validation every 20
+        return [*distill_args(*folders, corpus, out, 60 * 4 * 16, batch, nproc, "fsdp"), "--eval-every", 20,
+                "--checkpoint-every", 10, *extra]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    launcher = subprocess.Popen([sys.executable, "-m", "minitron.cli", *map(str, argv(tmp_path / "two", 2, 2))],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    checkpoints = tmp_path / "two" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not list(checkpoints.glob("step-*.pt")) and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ranks = psutil.Process(launcher.pid).children(recursive=True)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    assert len(ranks) == 3  # the torchrun agent and its two ranks
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive
+    last = max(int(p.stem.split("-")[1]) for p in checkpoints.glob("step-*.pt"))
+    assert 10 <= last < 60
+
+    resumed = cli(*argv(tmp_path / "two", 2, 2, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert (result["start_step"], result["steps"], result["world"]) == (last, 60, 2)
+    assert [r["step"] for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines())] \
+        == [0, 20, 40, 60]
+
+    assert main([str(a) for a in argv(tmp_path / "one", 4, 1)]) == 0  # the reference: one process, same batch
+    one, two = (AutoModelForCausalLM.from_pretrained(tmp_path / d) for d in ("one", "two"))
+    for (name, p1), p2 in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
+        torch.testing.assert_close(p2, p1, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_user_error_on_the_ranks_is_one_line(tmp_path, folders, corpus, tiny_tokenizer):
+    """Found by the ranks (the vocabularies are compared once the models are loaded): exit 2 and one line, not
+    torchrun's failure report."""
+    other_vocab = save_model(build_tiny_model("llama", vocab_size=300), tiny_tokenizer, tmp_path / "v300")
+    res = cli(*distill_args(folders[0], other_vocab, corpus, tmp_path / "o", 640, 2, 2, "fsdp"))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: teacher and student vocabularies differ")
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr

@@ -12,7 +12,8 @@ import pytest
 from minitron.data import is_validation, iter_documents
 from minitron.errors import UserError
 from minitron.eval_data import EvalDataConfig, cloze_items, held_out_documents, write_eval_data
-from minitron.evaluate import comparison_table, evaluate, flatten_metrics, format_table, parse_tasks
+from minitron.evaluate import comparison_table, evaluate, flatten_metrics, parse_tasks
+from minitron.report import evaluation_tables
 from tests.conftest import build_tiny_model
 
 # Short items keep the tiny model (256 positions) untruncated and SmolLM2 on CPU fast.
@@ -142,12 +143,15 @@ def test_comparison_table_by_hand():
     assert acc["teacher %"] == 100.0 and acc["pruned %"] == pytest.approx(60.0) and acc["final %"] == pytest.approx(90.0)
     assert ppl["pruned %"] == pytest.approx(400.0) and ppl["final %"] == pytest.approx(125.0)
     assert (acc["better"], ppl["better"]) == ("higher", "lower")
-    table = format_table(rows).splitlines()
-    assert table[0] == "| task | metric | better | teacher | teacher % | pruned | pruned % | final | final % |"
-    assert table[3] == "| cloze | acc | higher | 0.5 | 100.0 | 0.3 | 60.0 | 0.45 | 90.0 |"
+    absolute, relative = evaluation_tables(rows, ["teacher", "pruned", "final"], teacher="teacher")
+    assert absolute[1] == {"task": "cloze", "metric": "acc", "better": "↑ higher", "teacher": "0.5000",
+                           "pruned": "0.3000", "final": "0.4500"}
+    assert relative[2] == {"task": "ppl", "metric": "perplexity", "better": "↓ lower", "pruned % of teacher": "400.0",
+                           "final % of teacher": "125.0"}
     # a model missing a task gets "-" and no percentage
     rows = comparison_table({"teacher": TEACHER, "other": {"params": 50}})
-    assert format_table(rows).splitlines()[3] == "| cloze | acc | higher | 0.5 | 100.0 | - | - |"
+    absolute, relative = evaluation_tables(rows, ["teacher", "other"], teacher="teacher")
+    assert (absolute[1]["other"], relative[1]["other % of teacher"]) == ("-", "-")
     with pytest.raises(UserError):
         comparison_table({"a": TEACHER}, teacher="b")
 

@@ -81,6 +81,9 @@ def test_tiny_flow_end_to_end(services):
     assert {"candidates.json", "pareto.png"} <= {a.path for a in client.list_artifacts(select.info.run_id)}
     importance = {a.path for a in client.list_artifacts(children["importance"].info.run_id, "importance")}
     assert {"importance/head_importance.png", "importance/layer_importance.png"} <= importance
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "importance")] == [
+        "importance/head_importance_pruned.png"]  # the winner's pruned heads crossed out
+    assert tags["mlflow.note.content"].startswith("Prefect flow run ")  # the description links back
     assert client.get_model_version(summary["registered_model"], summary["version"]).source == \
         tags["final_checkpoint_uri"]
 
@@ -103,7 +106,8 @@ def test_tiny_flow_end_to_end(services):
         logs = prefect.read_logs()
     assert {"summary", "evaluation"} <= set(artifacts)
     assert any(k.startswith("search-") for k in artifacts)
-    assert "final student" in artifacts["summary"].data
+    assert "final student" in artifacts["summary"].data and "★ winner" in artifacts["summary"].data
+    assert "evaluation-vs-teacher" in artifacts
 
     # secret hygiene: nothing we logged anywhere carries the credential
     texts = [dump_run(r.info.run_id) for r in [parent, *children.values()]]
@@ -187,3 +191,60 @@ def test_user_error_is_the_flow_runs_state_message(services):
     assert not [log.message for log in logs if "Traceback" in log.message]
     with pytest.raises(UserError, match="multiple of the query heads"):
         state.result()
+
+
+def test_a_given_run_name_is_kept_and_a_made_up_one_replaced(monkeypatch):
+    """Prefect names a run given no name with a two-word slug (schedules, `prefect deployment run`, `minitron run`):
+    that one becomes "<name>: <teacher> → <target>"; a name the user typed is kept as it is."""
+    from prefect.runtime import flow_run
+    from prefect.utilities.names import generate_slug
+
+    from flows.compress import made_up_by_prefect, run_name
+
+    assert all(made_up_by_prefect(generate_slug(2)) for _ in range(300))
+    for typed in ("baseline-run", "ui-3f2a1b-run", "Nightly test", "my run", "llama-8b-width"):
+        assert not made_up_by_prefect(typed)
+    config = tiny(name="named").model_dump(mode="json")
+    for given, parameters, expected in ((generate_slug(2), {"config": config}, "named: tiny-random-llama → 60%"),
+                                        ("baseline-run", {"config": config}, "baseline-run"),
+                                        # an invalid config still names the run (preflight refuses it after)
+                                        ("crimson-tiger", {"config": {"name": "x", "target_params": "banana"}},
+                                         "x: smollm2-135m → banana")):
+        monkeypatch.setitem(flow_run.FIELDS, "name", lambda given=given: given)
+        monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda parameters=parameters: parameters)
+        assert run_name() == expected
+
+
+def test_two_process_fsdp_flow_matches_one_process(services):
+    """configs/tiny.yaml with nproc 2, parallel fsdp: teacher correction, both candidates and distillation run under
+    torchrun (2 gloo processes, FSDP2) and end at the one-process run's validation KL.
+
+    Both runs see the same global batch (2 x 4 sequences vs 1 x 8) and the same validation blocks (val_batches x
+    batch_size x processes); both candidates are distilled (top_k = max_candidates = 2) and width-only shapes need no
+    layer ranking. What differs is the order of fp32 sums: FSDP's reduce-scatter against one process, and the
+    importance and proxy batches (4 vs 8 sequences). The tiny random teacher is nearly uniform, so the final KL is
+    ~2.4e-5, a difference of log-probabilities near -5.8 that fp32 resolves to ~3e-7 per token: the measured gap
+    is 8e-5 relative (2e-9 absolute). rel 1e-3 leaves 12x headroom and is 0.2% of what distillation moves the KL
+    (it falls by more than half), so a lost gradient, shard or data slice would not pass."""
+    from mlflow import MlflowClient
+
+    from flows.compress import compress
+    from tasks.tracking import metric_history
+
+    common = dict(evaluate=False, axes="width", tolerance=0.2, search_max_candidates=2, search_top_k=2, device="cpu")
+    runs = {"one": compress(tiny(name="one", **common)),
+            "two": compress(tiny(name="two", nproc=2, parallel="fsdp", batch_size=4, **common))}
+    client = MlflowClient()
+    kl = {k: client.get_run(v["parent_run_id"]).data.metrics["final_val_kl"] for k, v in runs.items()}
+    trained = {name: run for name, run in children_of(runs["two"]["parent_run_id"]).items()
+               if name in ("correct-teacher", "distill") or name.startswith("candidate ")}
+    assert len(trained) == 4
+    one = children_of(runs["one"]["parent_run_id"])
+    for name, run in trained.items():  # the decision is a param of every training stage's child run
+        assert (run.data.params["parallelism"], run.data.params["gpus"]) == ("FSDP x2", "2")
+        # the ranks read the capped corpus (tiny.yaml: max_corpus_tokens 400K), as the one process does
+        assert run.data.metrics["corpus_tokens"] == one[name].data.metrics["corpus_tokens"] < 500_000
+    assert one["distill"].data.params["parallelism"] == "1 process"
+    assert kl["two"] == pytest.approx(kl["one"], rel=1e-3), kl
+    start = metric_history(trained["distill"].info.run_id, "val_kl")[0][1]  # (step, value) before the first step
+    assert kl["two"] < 0.5 * start

@@ -61,3 +61,24 @@ def test_importance_plots_write_pngs(tmp_path, scores):
     scores.layer_loss = None  # scores computed without validation blocks: one panel only
     one = mpimg.imread(plot_layer_importance(scores, tmp_path / "one.png"))
     assert both.shape[0] > 1.5 * one.shape[0]
+
+
+def test_head_heatmap_crosses_out_pruned_heads(tmp_path, scores):
+    kept = torch.ones(4, 6, dtype=torch.bool)
+    kept[1, :3] = kept[3] = False  # 3 heads of layer 1 and all of layer 3
+    marked = plot_head_importance(scores, tmp_path / "marked.png", kept=kept)
+    plain = plot_head_importance(scores, tmp_path / "plain.png")
+    assert red_pixels(marked) > 100 and red_pixels(plain) == 0  # viridis has no red: the crosses are the marks
+
+
+def test_layer_and_head_axes_have_integer_ticks(tmp_path, scores, monkeypatch):
+    import minitron.plots as plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    plot_layer_importance(scores, tmp_path / "l.png")
+    plot_head_importance(scores, tmp_path / "h.png")
+    layer_ax = figures[0].axes[-1]
+    head_ax = figures[1].axes[0]
+    for ticks in (layer_ax.get_xticks(), head_ax.get_xticks(), head_ax.get_yticks()):
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)

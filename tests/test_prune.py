@@ -256,3 +256,25 @@ def test_options_refuse_old_scores_and_families_without_mlp_bias(tmp_path):
     mistral = build_tiny_model("mistral")
     with pytest.raises(UserError, match="only llama, nemotron support it"):
         prune(mistral, compute_importance(mistral, IDS[:2], batch_size=2), shape, compensate_mlp=True)
+
+
+def test_kept_heads_is_prunes_choice():
+    """By hand: per KV group the best groups, in them the best query heads; dropped layers keep none. And the
+    pruned model's q_proj holds exactly the rows of the heads kept_heads names."""
+    from minitron.prune import kept_heads
+
+    model = build_tiny_model("llama")  # 4 layers, 4 query heads in 2 KV groups, head_dim 16
+    s = shuffled_scores(model)
+    s.kv_groups = torch.tensor([[0.2, 0.8], [0.9, 0.1], [0.5, 0.6], [0.7, 0.3]])
+    s.heads = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.4, 0.6, 0.8, 0.2], [0.3, 0.1, 0.2, 0.4], [0.6, 0.5, 0.1, 0.9]])
+    s.layer_loss = torch.tensor([0.5, 0.1, 0.9, 0.2])  # 2 layers kept: 0 and 2
+    shape = Shape(layers=2, hidden=64, ffn=128, heads=1, kv_heads=1, head_dim=16)
+    kept = kept_heads(s, shape)
+    assert kept.tolist() == [[False, False, True, False], [False] * 4, [False, False, False, True], [False] * 4]
+    pruned = prune(model, s, shape)
+    hidden = torch.sort(s.hidden, descending=True, stable=True).indices  # prune orders channels by importance
+    for new, (old, head) in enumerate([(0, 2), (2, 3)]):
+        rows = model.model.layers[old].self_attn.q_proj.weight[head * 16:(head + 1) * 16][:, hidden]
+        assert torch.equal(pruned.model.layers[new].self_attn.q_proj.weight, rows)
+    assert kept_heads(s, Shape(4, 64, 128, 4, 2, 16), drop_layers=(1, 2)).tolist() == [
+        [True] * 4, [False] * 4, [False] * 4, [True] * 4]

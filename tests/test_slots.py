@@ -12,6 +12,7 @@ import time
 import pytest
 
 from minitron.errors import UserError
+from minitron.proc import physical_ids
 from tasks import slots
 from tasks.common import INTERRUPTED, RunContext, hold_devices
 
@@ -167,6 +168,6 @@ def test_more_devices_than_the_machine_has(tmp_path):
 
 def test_physical_ids_follow_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    assert slots.physical_ids((0, 2)) == ["4", "6"]
+    assert physical_ids((0, 2)) == ["4", "6"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert slots.physical_ids((0, 2)) == ["0", "2"]
+    assert physical_ids((0, 2)) == ["0", "2"]

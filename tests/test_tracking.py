@@ -40,6 +40,40 @@ def test_parent_and_child_runs_on_server(mlflow_server):
     assert run.data.tags["prefect.flow_run_id"] == "abc"
 
 
+def test_model_training_experiment_links_and_description(mlflow_server):
+    """Experiments are created (or tagged, when they exist without it) as model-training experiments; a run's
+    MLflow page URL opens the Model-training view; the description is the run's markdown note."""
+    from mlflow import MlflowClient
+
+    uri = mlflow_server.url
+    client = MlflowClient(uri)
+    older = client.create_experiment("created elsewhere")
+    assert tracking.ensure_experiment("created elsewhere", tracking_uri=uri) == older
+    with tracking.parent_run("kind → 1M", "described", tracking_uri=uri) as run:
+        run.describe("Prefect flow run [described](http://prefect.example/runs/flow-run/1)")
+        child = tracking.Run(client, client.create_run(run.info.experiment_id).info.run_id)
+        child.log_progress({"step": 10, "tokens": 640, "loss": 2.0, "tokens_per_s": 100.0})
+        child.log_progress({"step": 10, "val_kl": 0.5, "tokens_per_s": 80.0})  # same step: rate not logged again
+        child.log_progress({"step": 20, "val_kl": 0.4, "tokens_per_s": 90.0})
+    for name in ("kind → 1M", "created elsewhere"):
+        assert client.get_experiment_by_name(name).tags["mlflow.experimentKind"] == "custom_model_development"
+    experiment = run.info.experiment_id
+    assert client.get_run(run.run_id).data.tags["mlflow.note.content"].startswith("Prefect flow run [described](")
+    assert run.url(uri) == f"{uri}/#/experiments/{experiment}/runs/{run.run_id}?workflowType=machine_learning"
+    assert tracking.experiment_url(uri, experiment) == f"{uri}/#/experiments/{experiment}/runs?workflowType=" \
+                                                       "machine_learning"
+    assert tracking.metric_history(child.run_id, "tokens_per_s", tracking_uri=uri) == [(10, 100.0), (20, 90.0)]
+
+
+def test_ui_base(monkeypatch):
+    monkeypatch.delenv("MINITRON_MLFLOW_UI_URL", raising=False)
+    assert tracking.ui_base("http://admin:secret@127.0.0.1:5000/") == "http://127.0.0.1:5000"  # no credentials
+    assert tracking.ui_base("sqlite:////tmp/mlflow.db") is None  # a local store has no UI to link to
+    monkeypatch.setenv("MINITRON_MLFLOW_UI_URL", "https://mlflow.example.org/")
+    assert tracking.run_url("http://mlflow:5000", "3", "abc") == \
+        "https://mlflow.example.org/#/experiments/3/runs/abc?workflowType=machine_learning"
+
+
 def test_artifacts_land_in_s3_scrubbed(mlflow_server, tmp_path):
     """Artifacts go through the server to s3://minitron-artifacts/mlflow, with credentials masked."""
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]  # set by the s3_endpoint fixture

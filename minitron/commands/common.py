@@ -6,29 +6,46 @@ import argparse
 import json
 
 
+def add_config_args(p: argparse.ArgumentParser, *names: str, aliases: dict[str, str] | None = None) -> None:
+    """`--kebab-name` options for run-config fields: type, choices, default and help come from CompressConfig, so
+    a stage command and the run config cannot drift (the option's dest is the field's name). `aliases` adds an
+    older spelling of an option (`--batch` for `--batch-size`)."""
+    import types
+    import typing
+
+    from minitron.config import CompressConfig
+
+    for name in names:
+        f = CompressConfig.model_fields[name]
+        kind = f.annotation
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        flags = [f"--{name.replace('_', '-')}", *([aliases[name]] if aliases and name in aliases else [])]
+        helptext = f.description.replace("%", "%%")  # argparse %-formats help
+        if kind is bool:
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+        elif typing.get_origin(kind) is typing.Literal:
+            p.add_argument(*flags, choices=typing.get_args(kind), default=f.default, help=helptext)
+        else:
+            p.add_argument(*flags, type=kind, default=f.default, help=helptext)
+
+
+MODEL_ARGS = ("device", "dtype", "allow_pickle", "trust_remote_code")
+DATA_ARGS = ("data_config", "data_split", "text_field", "val_fraction", "seed", "token_store")  # --data: each own
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto = bf16 on GPU, fp32 on CPU")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow pickled .bin weights (they can run code when loaded)")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    add_config_args(p, *MODEL_ARGS)
 
 
 def add_data_args(p: argparse.ArgumentParser, *, flag: str = "--data") -> None:
     if flag:
         p.add_argument(flag, dest="data", required=True,
                        help="corpus: 'shakespeare', .txt/.jsonl/.parquet files or folders, or a hub dataset id")
-    p.add_argument("--data-config", default=None, help="hub dataset config, e.g. wikitext-2-raw-v1")
-    p.add_argument("--data-split", default="train", help="hub dataset split")
-    p.add_argument("--text-field", default="text", help="field holding the text in records")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
-    p.add_argument("--seed", type=int, default=0, help="seed for the split and sampling")
-    p.add_argument("--token-store", default=None, metavar="ROOT",
-                   help="folder or s3://bucket/prefix where tokenised corpora are kept (default: the cache)")
+    add_config_args(p, *DATA_ARGS)
 
 
-MODEL_ARGS = ("model", "teacher", "student")  # the commands' arguments that hold a model spec
+SPEC_ARGS = ("model", "teacher", "student")  # the commands' arguments that hold a model spec
 
 
 def local_spec(spec: str) -> str:
@@ -49,6 +66,15 @@ def load_model_from_args(spec: str, args):
 
     return load_model(spec, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle,
                       trust_remote_code=args.trust_remote_code)
+
+
+def data_spec_from_args(args, seq_len: int) -> dict:
+    """The corpus arguments as the `load_token_data` keyword arguments a TrainJob carries (`spec`, `seq_len`, the
+    corpus cap of the training commands and the rest)."""
+    from minitron.config import parse_count
+
+    cap = getattr(args, "max_corpus_tokens", None)
+    return {"spec": args.data, "seq_len": seq_len, **data_kwargs(args), "max_tokens": parse_count(cap) if cap else None}
 
 
 def load_data_from_args(args, tokenizer, seq_len: int):

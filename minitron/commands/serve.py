@@ -7,9 +7,10 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve the on-demand and nightly deployments (prefect.serve)",
                        description="Serve the compress-on-demand (no schedule) and compress-nightly (02:00, "
                                    "MINITRON_TIMEZONE or UTC) deployments; runs until interrupted.")
-    p.add_argument("--preset", default="demo-cpu", help="preset (configs/NAME.yaml or a path) for on-demand "
-                                                       "defaults")
-    p.add_argument("--nightly-preset", default="demo-cpu", help="preset for the nightly run")
+    p.add_argument("--preset", default="demo-cpu", help="preset (configs/NAME.yaml or a path) whose values are "
+                                                       "both deployments' default parameters (default: demo-cpu)")
+    p.add_argument("--nightly-preset", default=None, help="a different preset for compress-nightly (default: "
+                                                         "--preset's)")
     p.add_argument("--limit", type=int, default=None, help="flow runs executed at once by this process")
     p.set_defaults(func=run)
 

@@ -2,7 +2,8 @@
 
 `distill(teacher, student, data, cfg, out_dir=...)` trains a student against a frozen teacher;
 `correct_teacher(teacher, data, cfg, out_dir=...)` fine-tunes the teacher on the corpus with the same loop.
-Both run unchanged under `torchrun` (DDP, or FSDP2 with `parallel="fsdp"`).
+Both run unchanged under `torchrun` (DDP, or FSDP2 with `parallel="fsdp"`). Training stages run them through
+`minitron.distill.worker.launch(TrainJob(...))`: in-process on one device, under torchrun on several.
 """
 
 from minitron.distill.loop import DistillConfig, DistillResult, check_compatible, correct_teacher, distill

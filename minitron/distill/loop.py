@@ -2,7 +2,10 @@
 
 One function, `_train`, runs on one process or under `torchrun` (DDP by default, FSDP2 `fully_shard` of the student
 with `parallel="fsdp"`; the frozen bf16 teacher costs 2 bytes/parameter and stays replicated, the student costs ~16
-with fp32 master weights, gradients and AdamW state, so the student is what gets sharded).
+with fp32 master weights, gradients and AdamW state, so the student is what gets sharded). An FSDP student may
+arrive on the meta device: every rank then allocates only its shards and rank 0's weights reach them by broadcast
+(`_materialise`); a resume reads the checkpoint on rank 0 only, the same way. `minitron.distill.worker` is the
+entry point that loads the models like that and runs this loop on each rank.
 
 Precision: student weights and optimizer state are fp32 (master weights); forward/backward run under bf16 autocast
 when the compute dtype is bf16 (default on CUDA, opt-in on CPU); the teacher is cast to the compute dtype and runs
@@ -20,55 +23,18 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 
+from minitron.config import DistillConfig
 from minitron.data import TokenData
 from minitron.distill.loss import IGNORE, IntermediateLoss, KDLossConfig, fused_kd_loss
 from minitron.distill.schedule import lr_at
 from minitron.errors import UserError
 from minitron.models import resolve_device, resolve_dtype, save_model
-
-
-@dataclass
-class DistillConfig:
-    tokens: int  # training budget in tokens, all ranks together (the unit the papers use)
-    batch_size: int = 8  # sequences per micro-batch on each rank
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4  # peak learning rate
-    min_lr: float = 1e-5  # end of the cosine decay
-    warmup_frac: float = 0.02  # fraction of steps in linear warmup
-    weight_decay: float = 0.1  # AdamW decay, on matrices only (not norms, biases)
-    grad_clip: float = 1.0  # global gradient-norm clip
-    kd_temperature: float = 1.0  # KL softmax temperature (papers: 1)
-    kd_top_k: int | None = None  # KL over the teacher's top-k logits only (None = full vocabulary)
-    ce_weight: float = 0.0  # weight of the next-token CE term (papers: 0)
-    intermediate_weight: float = 0.0  # intermediate-state loss, relative to the logit loss (0 = off)
-    eval_every: int = 50  # validate every N optimizer steps (and before the first and after the last)
-    val_batches: int = 4  # validation micro-batches (of batch_size x world sequences)
-    checkpoint_every: int = 200  # resumable checkpoint every N optimizer steps
-    keep_checkpoints: int = 2  # older checkpoints are deleted
-    log_every: int = 10  # train-metric callback every N steps (each costs a device sync)
-    seed: int = 0  # data order and initialisation of the intermediate projection
-    compile: bool = False  # torch.compile each decoder block of student and teacher
-    activation_checkpointing: bool = False  # recompute student decoder layers in backward (memory for compute)
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the student
-    chunk_tokens: int = 256  # tokens per chunk of the fused lm_head + KL (memory: see loss.KDLossConfig)
-    progress: bool = True  # tqdm progress bar on rank 0 (Prefect callers pass False and a callback)
-
-    @classmethod
-    def from_run_config(cls, cfg, tokens_field: str = "distill_tokens", **overrides) -> DistillConfig:
-        """Map a `CompressConfig` (same field names) to a DistillConfig with the budget from `tokens_field`."""
-        names = {f.name for f in fields(cls)} - {"tokens"}
-        values = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
-        values.update(overrides)
-        return cls(tokens=cfg.tokens(tokens_field), **values)
 
 
 @dataclass
@@ -79,6 +45,7 @@ class DistillResult:
     first_val: dict  # validation before the first step: val_kl (None for correction), val_ce
     last_val: dict  # validation after the last step
     metrics: dict = field(default_factory=dict)  # the last train-metric record
+    start_step: int = 0  # the checkpoint's step a resumed run continued from (0: a fresh run)
 
     @property
     def first_val_kl(self):
@@ -124,17 +91,13 @@ def _lm_head(model) -> torch.Tensor:
 
 def _plan(cfg: DistillConfig, data: TokenData, world: int) -> int:
     """Optimizer steps for the token budget; a UserError for budgets or data too small for one step."""
-    per_step = cfg.batch_size * data.seq_len * cfg.grad_accum * world
-    if cfg.tokens < per_step:
-        raise UserError(f"token budget {cfg.tokens:,} is smaller than one optimizer step ({cfg.batch_size} x "
-                        f"{data.seq_len} tokens x {cfg.grad_accum} accum x {world} ranks = {per_step:,}): raise "
-                        "--tokens or lower --batch/--seq-len")
+    steps = cfg.steps(data.seq_len, world)
     if len(data.train) < cfg.batch_size * world:
         raise UserError(f"the training split has {len(data.train)} blocks, fewer than one batch "
                         f"({cfg.batch_size * world}): lower --batch/--seq-len or use a bigger corpus")
     if len(data.val) < world:
         raise UserError("the validation split is empty: raise --val-fraction or use a bigger corpus")
-    return cfg.tokens // per_step
+    return steps
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,27 +192,74 @@ def _save_checkpoint(out_dir: Path, objective, optimizer, step: int, g: int, run
         old.unlink()
 
 
-def _load_checkpoint(path: Path, objective, optimizer, run_key: dict):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+def _load_checkpoint(path: Path, objective, optimizer, run_key: dict, rank: int, world: int):
+    """Rank 0 reads the checkpoint (memory-mapped); under torchrun the other ranks receive their part of the model
+    and optimizer state through a broadcast from rank 0, so no other rank holds the whole state on its CPU."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["run"] != run_key:
-        changed = sorted(k for k in run_key if state["run"].get(k) != run_key[k])
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if rank == 0 else {}
+    head = [{k: v for k, v in state.items() if k not in ("model", "optimizer")}]
+    if world > 1:
+        dist.broadcast_object_list(head, src=0)
+    head = head[0]
+    if head["run"] != run_key:
+        changed = sorted(k for k in run_key if head["run"].get(k) != run_key[k])
         raise UserError(f"checkpoint {path} was written by a run with different {', '.join(changed)}: resume with "
                         "the same settings or use a new --out")
-    set_state_dict(objective, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return state["scheduler"]["step"], state["data"]["micro_batches"], state["first_val"]
+    # one call each: set_state_dict would take a rank's empty model dict for "optimizer only" and skip the broadcast
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
+    set_model_state_dict(objective, state.get("model", {}), options=options)
+    set_optimizer_state_dict(objective, optimizer, state.get("optimizer", {}), options=options)
+    torch.set_rng_state(head["rng"]["cpu"])
+    if "cuda" in head["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(head["rng"]["cuda"])
+    return head["scheduler"]["step"], head["data"]["micro_batches"], head["first_val"]
+
+
+def _materialise(objective, weights: dict, device: torch.device, rank: int) -> None:
+    """Give a trained model built on the meta device (FSDP2: every rank holds only its shard) real parameters: each
+    rank allocates its shards on `device`, then rank 0's full `weights` (the others pass {}) arrive through FSDP2's
+    broadcast from rank 0, one tensor at a time, cast to the shards' fp32. Non-persistent buffers (rotary
+    frequencies) are no weights: each rank rebuilds them from the config. `weights` is emptied as it is used."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    student = objective.student  # fully_shard keeps the module (DDP, which wraps it, never gets a meta model)
+    if rank == 0:
+        missing = _missing_weights(student, weights)
+        if missing:
+            raise UserError(f"the weights lack {len(missing)} tensors of the model (e.g. {missing[0]}): not a "
+                            "checkpoint of this architecture; use parallel: ddp to load it through transformers")
+    objective.to_empty(device=device)
+    for module in student.modules():
+        if module._non_persistent_buffers_set:
+            fresh = type(module)(module.config)  # rotary embeddings: their buffers are a function of the config
+            for name in module._non_persistent_buffers_set:
+                getattr(module, name).copy_(getattr(fresh, name))
+    set_model_state_dict(objective, {f"student.{k}": v for k, v in weights.items()},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(),
+                                                  strict=False))
+    weights.clear()
+
+
+def _missing_weights(model, weights: dict) -> list[str]:
+    """State-dict keys of `model` absent from `weights`, less tied parameters whose twin is present (lm_head)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names_of: dict[int, set[str]] = {}
+    for name, p in params.items():
+        names_of.setdefault(id(p), set()).add(name)
+    return [k for k in model.state_dict() if k not in weights and not (
+        k in params and names_of[id(params[k])] & weights.keys())]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # distributed setup
 
 
-def _setup_distributed(device_spec: str) -> tuple[int, int, torch.device, bool]:
+def setup_distributed(device_spec: str) -> tuple[int, int, torch.device, bool]:
     """(rank, world, device, joined). Under torchrun, joins the process group (NCCL on CUDA, gloo on CPU) unless
     the caller already did; `joined` says whether we did, and so must leave it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -296,17 +306,19 @@ def _wrap(objective: _Objective, cfg: DistillConfig, device: torch.device, world
 
 
 def _train(student, teacher, data: TokenData, cfg: DistillConfig, loss_cfg: KDLossConfig, *, out_dir, tokenizer,
-           callback: Callable[[dict], None] | None, resume: bool) -> DistillResult:
+           callback: Callable[[dict], None] | None, resume: bool, init_weights: dict | None) -> DistillResult:
     out_dir = Path(out_dir)
-    rank, world, device, joined = _setup_distributed(cfg.device)
+    rank, world, device, joined = setup_distributed(cfg.device)
     try:
-        return _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, resume, rank, world, device)
+        return _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, resume, rank, world, device,
+                    init_weights)
     finally:
         if joined:
             dist.destroy_process_group()
 
 
-def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, resume, rank, world, device):
+def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, resume, rank, world, device,
+         init_weights):
     """The loop itself, on this rank (`_train` joins and leaves the process group around it)."""
     if teacher is not None:
         check_compatible(teacher, student)
@@ -338,6 +350,8 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
             for layer in model.get_decoder().layers:
                 layer.compile()
     objective = _wrap(_Objective(student, loss_cfg, inter, cfg.intermediate_weight), cfg, device, world)
+    if init_weights is not None:
+        _materialise(objective, init_weights, device, rank)
     t_head = _lm_head(teacher) if teacher is not None else None
 
     params = [p for p in objective.parameters() if p.requires_grad]
@@ -350,7 +364,7 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
     start_step, g, first_val = 0, 0, None
     found = _checkpoints(out_dir) if resume else []
     if found:
-        start_step, g, first_val = _load_checkpoint(found[-1], objective, optimizer, run_key)
+        start_step, g, first_val = _load_checkpoint(found[-1], objective, optimizer, run_key, rank, world)
     train_batches = _Batches(data.train, cfg.batch_size, rank, world, cfg.seed)
     val_rows = min(cfg.val_batches * cfg.batch_size * world, len(data.val)) // world * world
     val_blocks = data.val[:val_rows][rank::world]
@@ -395,9 +409,9 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
 
     def val_record(step: int) -> dict:
         t0 = time.perf_counter()
+        rate = tokens_per_s(step)  # before validating: validation is not training time
         rec = {"step": step, "tokens": step * tokens_per_step, **validate(),
-               "lr": lr_at(max(step - 1, 0), total_steps, warmup, cfg.lr, cfg.min_lr),
-               "tokens_per_s": tokens_per_s(step)}
+               "lr": lr_at(max(step - 1, 0), total_steps, warmup, cfg.lr, cfg.min_lr), "tokens_per_s": rate}
         emit(rec, True)
         clock["paused"] += time.perf_counter() - t0
         return rec
@@ -452,15 +466,17 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
 
     if start_step == total_steps and found:  # resumed a finished run: nothing trained, report the stored start
         last_val = val_record(total_steps)
-    _save_final(out_dir, objective, optimizer, student, tokenizer, cfg, rank, world)
+    _save_final(out_dir, objective, student, tokenizer, cfg, rank, world)
     return DistillResult(out_dir=out_dir, steps=total_steps, tokens=total_steps * tokens_per_step,
-                         first_val=first_val, last_val=last_val, metrics=last_train)
+                         first_val=first_val, last_val=last_val, metrics=last_train, start_step=start_step)
 
 
-def _save_final(out_dir: Path, objective, optimizer, student, tokenizer, cfg: DistillConfig, rank: int, world: int):
+def _save_final(out_dir: Path, objective, student, tokenizer, cfg: DistillConfig, rank: int, world: int):
     """The trained model as a plain Hugging Face folder (safetensors + tokenizer) and the run's settings."""
     if world > 1 and cfg.parallel == "fsdp":
-        model_sd, _ = _state_dicts(objective, optimizer)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        model_sd = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             prefix = "student."
             student.save_pretrained(out_dir, state_dict={k[len(prefix):]: v for k, v in model_sd.items()
@@ -480,21 +496,24 @@ def _save_final(out_dir: Path, objective, optimizer, student, tokenizer, cfg: Di
 
 
 def distill(teacher, student, data: TokenData, cfg: DistillConfig, *, out_dir, tokenizer=None,
-            callback: Callable[[dict], None] | None = None, resume: bool = False) -> DistillResult:
+            callback: Callable[[dict], None] | None = None, resume: bool = False,
+            init_weights: dict | None = None) -> DistillResult:
     """Distil `teacher` into `student` (both *ForCausalLM; moved to the run's device, the student trained in
     place) for `cfg.tokens` tokens of `data.train`. Writes the student (with `tokenizer`), `checkpoints/` and
-    `metrics.jsonl` to `out_dir`; `callback` receives train and validation metric dicts (rank 0 only)."""
+    `metrics.jsonl` to `out_dir`; `callback` receives train and validation metric dicts (rank 0 only). A student
+    built on the meta device (FSDP under torchrun) gets its weights from `init_weights`: the full state dict on rank
+    0, {} on the others (see `_materialise`)."""
     loss_cfg = KDLossConfig(temperature=cfg.kd_temperature, top_k=cfg.kd_top_k, kd_weight=1.0,
                             ce_weight=cfg.ce_weight, chunk_tokens=cfg.chunk_tokens)
     return _train(student, teacher, data, cfg, loss_cfg, out_dir=out_dir, tokenizer=tokenizer, callback=callback,
-                  resume=resume)
+                  resume=resume, init_weights=init_weights)
 
 
 def correct_teacher(teacher, data: TokenData, cfg: DistillConfig, *, out_dir, tokenizer=None,
-                    callback: Callable[[dict], None] | None = None, resume: bool = False) -> DistillResult:
+                    callback: Callable[[dict], None] | None = None, resume: bool = False,
+                    init_weights: dict | None = None) -> DistillResult:
     """Teacher correction (arXiv 2408.11796): the same loop with next-token CE on the teacher itself. The
     result's `val_loss_before` / `val_loss_after` are the teacher's validation CE before and after."""
     loss_cfg = KDLossConfig(kd_weight=0.0, ce_weight=1.0, chunk_tokens=cfg.chunk_tokens)
     return _train(teacher, None, data, cfg, loss_cfg, out_dir=out_dir, tokenizer=tokenizer, callback=callback,
-                  resume=resume)
-
+                  resume=resume, init_weights=init_weights)

@@ -24,18 +24,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from minitron.config import DistillConfig
+
 IGNORE = -100  # label of positions without a next token (the last position of each block, padding)
 
 
 @dataclass(frozen=True)
 class KDLossConfig:
-    temperature: float = 1.0  # softmax temperature of the KL (papers: 1)
-    top_k: int | None = None  # restrict the KL to the teacher's top-k logits (None = full vocabulary)
+    """The loss's knobs; their defaults are the run config's (one declaration, in minitron/config.py)."""
+
+    temperature: float = DistillConfig.kd_temperature  # softmax temperature of the KL (papers: 1)
+    top_k: int | None = DistillConfig.kd_top_k  # restrict the KL to the teacher's top-k logits (None = all)
     kd_weight: float = 1.0  # weight of the logit KL (0 = plain LM training, used by teacher correction)
-    ce_weight: float = 0.0  # weight of next-token CE on the student (papers: 0)
-    # tokens per chunk: peak extra memory ~ 6 * chunk_tokens * vocab * 4 bytes (SmolLM2's 49K vocab: 300 MB at 256,
-    # 1.2 GB at 1024, measured 0.7 GB more peak RSS in teacher correction on CPU)
-    chunk_tokens: int = 256
+    ce_weight: float = DistillConfig.ce_weight  # weight of next-token CE on the student (papers: 0)
+    chunk_tokens: int = DistillConfig.chunk_tokens  # peak extra memory ~ 6 * chunk_tokens * vocab * 4 bytes
 
 
 def _chunk_math(zs: torch.Tensor, zt: torch.Tensor | None, labels: torch.Tensor, mask: torch.Tensor,
