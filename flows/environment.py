@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -121,16 +120,20 @@ def embedded_api() -> Iterator[None]:
         yield
         return
     import functools
+    import signal
     import subprocess
     import types
 
     from prefect.server.api import server as api_server
 
+    from minitron.proc import die_with_parent
+
     class ShieldedServer(api_server.SubprocessASGIServer):
         def _run_uvicorn_command(self):
             real = api_server.subprocess
+            dies_with_us = functools.partial(die_with_parent, signal.SIGTERM)
             api_server.subprocess = types.SimpleNamespace(Popen=functools.partial(
-                subprocess.Popen, start_new_session=True, preexec_fn=_die_with_parent))
+                subprocess.Popen, start_new_session=True, preexec_fn=dies_with_us))
             try:
                 return super()._run_uvicorn_command()
             finally:
@@ -159,15 +162,6 @@ def _drain_workers() -> None:
             worker.drain_all(timeout=10)
         except RuntimeError:  # never started
             pass
-
-
-def _die_with_parent() -> None:
-    """In a child, before exec: have the kernel send it SIGTERM when its parent dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def store_uri(configured: str | None) -> str:

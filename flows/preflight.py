@@ -7,7 +7,6 @@ line that says what to fix. Reading the corpus here costs nothing later: its tok
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # tiny.yaml, shrunk: one candidate, no evaluation, a distillation of 128 steps with a checkpoint every 20
 SETTINGS = ["evaluate=false", "search_top_k=1", "correction_tokens=4K", "search_tokens=4K", "distill_tokens=64K",
             "checkpoint_every=20", "eval_every=40", "max_corpus_tokens=100K"]
-DISTILL_LINE = re.compile(r"Task run 'distill-[^']*' - distill step=(\d+)")
+DISTILL_LINE = re.compile(r"Task run 'distill' - distill step=(\d+)")
 
 
 class Run:
@@ -103,8 +103,10 @@ def test_sigkill_mid_distillation_then_corruption_on_the_folder_store(reference,
     killed.wait_for_checkpoint()
     os.kill(killed.proc.pid, signal.SIGKILL)  # the CLI only: its Prefect API must die with it on its own
     killed.wait()
-    time.sleep(1)
-    assert not [p for p in _processes() if f"MINITRON_HOME={home}" in p], "the embedded API outlived the kill"
+    deadline = time.monotonic() + 10  # the kernel sends it SIGTERM at once; uvicorn's shutdown takes a moment
+    while [p for p in _processes() if f"MINITRON_HOME={home}" in p]:
+        assert time.monotonic() < deadline, "the embedded API outlived the kill"
+        time.sleep(0.2)
 
     resumed = Run(home, {}, tmp_path / "resumed.log")
     step, seconds = resumed.first_distill_step()
