@@ -181,7 +181,7 @@ def test_s3_outage_sigint_and_an_emptied_bucket(reference, tmp_path, s3_env, mlf
     final2 = emptied.finished()
     assert "correct-teacher: its cached result is not trusted (no complete checkpoint at s3://" in emptied.text
     assert sha_of(final2, s3) == reference
-    summary_teacher = re.search(r"\| teacher \| [^|]+ \| `(s3://[^`]+)` \|", emptied.text).group(1)
+    summary_teacher = re.search(r"^- teacher checkpoint: `(s3://[^`]+)`$", emptied.text, re.M).group(1)
     assert s3.head_object(Bucket=s3_env.checkpoint_bucket,
                           Key=summary_teacher.split("/", 3)[3] + "/manifest.json")  # points at something real
 
