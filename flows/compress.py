@@ -1,7 +1,7 @@
 """The compress flow: the Minitron pipeline, stage by stage, as in the papers' figure.
 
     corpus ──► 0 tokenize (once per corpus and tokenizer: the token store every stage reads)
-    teacher ──► 1 correct ──► 2 importance ──► 3 search (prune k shapes, distil each briefly) ──► 4 distil ──► 5 evaluate
+    teacher ──► 1 correct ──► 2 importance ──► 3 search (successive halving over the shapes) ──► 4 distil ──► 5 evaluate
                                      ▲                                                             │
                                      └───────────── iterative targets: the student becomes the teacher ┘
 
@@ -154,7 +154,7 @@ def _pipeline(config: CompressConfig) -> dict:
                      100 * step.target / plan.teacher_params)
             # 2. importance: activation statistics on the calibration set, every axis, one forward pass
             scores = run_stage(score_importance, config, ctx, teacher)
-            # 3. architecture search: enumerate shapes under the budget, prune, distil the best few briefly
+            # 3. architecture search: every shape under the budget distilled briefly, the best ones longer, round by round
             if step.shape is not None:  # an explicit shape skips the search
                 winner = run_stage(prune_to_shape, config, ctx, teacher, scores, step.shape, step.drop)
             else:

@@ -49,9 +49,8 @@ def preflight(config: CompressConfig) -> Plan:
     from minitron.models import check_weights, load_config
     from minitron.plan import drop_block, step_shapes
     from minitron.prune import check_shape
-    from minitron.search import enumerate_rows
+    from minitron.search import rows_for_run, schedule_for
     from tasks import storage, tracking
-    from tasks.search import memory_cap
 
     tracking.check_tracking(tracking_uri(config.tracking_uri))
     storage.check_store(store_uri(config.checkpoint_store))
@@ -85,18 +84,15 @@ def preflight(config: CompressConfig) -> Plan:
             raise UserError(f"target {format_count(step.target)} is not smaller than its teacher "
                             f"({format_count(previous)} parameters): lower target_params")
         # Later steps of an iterative schedule prune a winner not known yet: the teacher's shapes stand in for it.
-        if step.shape is None and not enumerate_rows(
-                model_config, step.target, config.tolerance, axes=config.axes,
-                prune_kv_groups=config.prune_kv_groups, max_memory_bytes=memory_cap(config),
-                context=config.seq_len):
-            raise UserError(f"no pruned shape of {Path(config.teacher).name} has {format_count(step.target)} ± "
-                            f"{config.tolerance:.0%} parameters: raise tolerance or change target_params")
+        if step.shape is None:
+            rows = rows_for_run(config, model_config, step.target)  # no shape in the budget: one line, here
+            # a budget too small for one step per candidate (on nproc ranks each, the run's least)
+            schedule_for(config, min(len(rows), config.search_max_candidates), ranks=config.nproc)
         previous = step.target
 
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
-    searches = any(step.shape is None for step in steps)
-    budgets = ("correction_tokens",) * config.correct_teacher + ("search_tokens",) * searches + ("distill_tokens",)
-    for field in budgets:  # of the stages that run (an explicit shape has no search)
+    budgets = ("correction_tokens",) * config.correct_teacher + ("distill_tokens",)  # the search's: its schedule
+    for field in budgets:  # of the stages that run
         if config.tokens(field) < tokens_per_step:
             raise UserError(f"{field} = {getattr(config, field)} is less than one optimizer step "
                             f"({tokens_per_step} tokens = batch_size x grad_accum x seq_len)")

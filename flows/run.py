@@ -9,6 +9,7 @@ the next run of the same command."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -38,7 +39,7 @@ def run_from_cli(config: CompressConfig, args=None) -> int:
     if summary is None:
         _exit_now(130)
     print()
-    print(summary["summary"])
+    print(for_terminal(summary["summary"]))
     print()
     print(f"MLflow:      {tracking_uri(config.tracking_uri)}  (UI: mlflow ui --backend-store-uri "
           f"{tracking_uri(config.tracking_uri)})")
@@ -59,3 +60,8 @@ def _exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def for_terminal(summary: str) -> str:
+    """The run summary without its inline charts (data-URI images, which Prefect renders): their names instead."""
+    return re.sub(r"!\[([^\]]*)\]\(data:image/png;base64,[^)]*\)", r"[chart: \1, in the Prefect summary]", summary)

@@ -8,7 +8,7 @@ The count is one formula over numpy-broadcastable integers: `count_params` appli
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -98,61 +98,104 @@ def config_for_shape(config, shape: Shape, kept_layers: list[int] | None = None)
 class Candidate:
     shape: Shape
     params: int
-    kind: str  # "width" (all layers kept), "depth" (width kept, lowest-ranked layers dropped), "mixed" (both),
-    # "depth-block" (the depth shape by dropping one contiguous block, the papers' best depth recipe)
-    drop: tuple[int, int] | None = None  # 0-indexed inclusive block for "depth-block"
+    kind: str  # "width" (all layers kept), "depth" (width kept, layers dropped) or "mixed" (both); which layers a
+    # depth or mixed shape drops is decided by data later (minitron.search.choose_depth_blocks)
+
+
+# Defaults of the space (SearchSpace fields left at None take these). Model-Optimizer's Minitron search prunes at most
+# 40% of each width axis and 20% of the layers; a strong compression (the target below 60% of the teacher) may cut a
+# width axis down to the target's own share of the teacher, so that Minitron-4B (15B → 27%: MLP 24576 → 9216) is in
+# the space, but never below a quarter in one step (stronger compressions go iteratively, 15B → 8B → 4B, as the
+# papers do). A depth-only search (axes="depth") may drop as many layers as the budget needs (4B-Depth drops half).
+MAX_WIDTH_PRUNING = 0.4
+MIN_WIDTH_KEEP = 0.25
+MAX_DEPTH_PRUNING = 0.2
+# Hidden and MLP sizes come in multiples that keep matmuls on full tensor-core tiles and shard evenly under tensor
+# parallelism; the size is the student's, because the student is what gets deployed: (below, multiple), first match.
+DIM_MULTIPLES = ((1e9, 64), (10e9, 256), (float("inf"), 512))
+MIN_CHOICES = 8  # a multiple is halved until the axis has at least this many sizes (tiny models: hidden 64 → 8)
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Bounds and divisors of the candidate grid (defaults: the papers' hardware-friendly choices)."""
+    """The candidate grid: which sizes each axis may take. Fields left at None follow the student's size and the
+    compression ratio (see MAX_WIDTH_PRUNING, MAX_DEPTH_PRUNING and DIM_MULTIPLES above)."""
 
-    min_keep_layers: float = 0.5  # keep at least this fraction of each axis
-    min_keep_hidden: float = 0.5
-    min_keep_ffn: float = 0.5
-    min_keep_heads: float = 0.5
-    hidden_multiple: int = 64  # tensor-core friendly; lowered automatically for models whose hidden is not one
-    ffn_multiple: int = 64
-    prune_kv_groups: bool = False  # also try fewer KV groups (divisors of the model's count)
+    max_width_pruning: float | None = None  # fraction of hidden, MLP and query heads per KV group that may go
+    max_depth_pruning: float | None = None  # fraction of the layers that may go
+    hidden_multiple: int | None = None  # hidden sizes are multiples of this
+    ffn_multiple: int | None = None  # MLP sizes are multiples of this
+    prune_kv_groups: bool = False  # also try fewer KV groups (divisors of the model's count); the papers keep them
+
+    def width_keep(self, ratio: float) -> float:
+        """Smallest kept fraction of a width axis for a target of `ratio` x the teacher's parameters."""
+        if self.max_width_pruning is not None:
+            return 1 - self.max_width_pruning
+        return max(MIN_WIDTH_KEEP, min(1 - MAX_WIDTH_PRUNING, ratio))
+
+    def multiples(self, full: Shape, target_params: int) -> tuple[int, int]:
+        """(hidden, MLP) multiples for a student of `target_params` pruned from `full`."""
+        wanted = dim_multiple(target_params)
+        return _multiple(full.hidden, self.hidden_multiple or wanted), _multiple(full.ffn, self.ffn_multiple or wanted)
+
+    def depth_keep(self, axes: str) -> float:
+        if self.max_depth_pruning is not None:
+            return 1 - self.max_depth_pruning
+        return 0.0 if axes == "depth" else 1 - MAX_DEPTH_PRUNING
+
+
+def dim_multiple(student_params: int) -> int:
+    """The hidden/MLP multiple for a student of this size: 64 below 1B parameters, 256 up to 10B, 512 above."""
+    return next(m for below, m in DIM_MULTIPLES if student_params < below)
 
 
 def _multiple(size: int, wanted: int) -> int:
-    """`wanted`, or the largest power of two ≤ wanted dividing `size` (tiny models: hidden 64 → multiple 8)."""
+    """`wanted`, halved until it divides `size` and leaves at least MIN_CHOICES sizes."""
     m = wanted
-    while m > 1 and size % m:
+    while m > 1 and (size % m or size // m < MIN_CHOICES):
         m //= 2
     return max(m, 1)
 
 
 def _axis(full: int, keep: float, multiple: int) -> np.ndarray:
-    lo = max(multiple, math.ceil(full * keep / multiple) * multiple)
+    """Sizes full, full - multiple, ... down to `keep` x full (at least one multiple)."""
+    lo = max(multiple, math.ceil(full * keep / multiple - 1e-9) * multiple)
     return np.arange(lo, full + 1, multiple, dtype=np.int64)
 
 
 def enumerate_candidates(config, target_params: int, tolerance: float = 0.05, *, axes: str = "all",
                          space: SearchSpace | None = None) -> list[Candidate]:
-    """Every homogeneous shape within `tolerance` (relative) of `target_params`, closest first.
+    """Every homogeneous shape of the space within `tolerance` (relative) of `target_params`, none left out.
 
-    axes: "width" (keep all layers), "depth" (keep the width) or "all" (width, depth and mixed)."""
+    axes: "width" (keep all layers), "depth" (keep the width) or "all" (width, depth and mixed).
+    Query heads are pruned per KV group (every kept group keeps the same number of its query heads), so GQA stays
+    valid. Order (documented, it is the tie-break everywhere): more layers first, since at equal size width pruning
+    beats depth pruning (arXiv 2407.14679 §4, 2408.11796 Table 4); then closest to the target; then wider."""
     space = space or SearchSpace()
     if axes not in ("all", "width", "depth"):
         raise UserError(f"axes must be all, width or depth, not '{axes}'")
     if not 0 <= tolerance < 1:
         raise UserError(f"tolerance {tolerance} must be in [0, 1)")
+    for name in ("max_width_pruning", "max_depth_pruning"):
+        value = getattr(space, name)
+        if value is not None and not 0 <= value < 1:
+            raise UserError(f"{name} {value} must be in [0, 1)")
     full = shape_of(config)
     total = count_params(config)
     if target_params >= total:
         raise UserError(f"target {target_params:,} parameters is not smaller than the model ({total:,})")
-    hm, fm = _multiple(full.hidden, space.hidden_multiple), _multiple(full.ffn, space.ffn_multiple)
+    hm, fm = space.multiples(full, target_params)
+    keep_w, keep_d = space.width_keep(target_params / total), space.depth_keep(axes)
     width = axes in ("all", "width")
-    layers = _axis(full.layers, space.min_keep_layers, 1) if axes != "width" else np.array([full.layers])
-    hidden = _axis(full.hidden, space.min_keep_hidden, hm) if width else np.array([full.hidden])
-    ffn = _axis(full.ffn, space.min_keep_ffn, fm) if width else np.array([full.ffn])
+    layers = _axis(full.layers, keep_d, 1) if axes != "width" else np.array([full.layers])
+    hidden = _axis(full.hidden, keep_w, hm) if width else np.array([full.hidden])
+    ffn = _axis(full.ffn, keep_w, fm) if width else np.array([full.ffn])
     groups = [g for g in range(1, full.kv_heads + 1) if full.kv_heads % g == 0] if space.prune_kv_groups \
         else [full.kv_heads]
     # (heads, kv) pairs with the same number of query heads in every kept group
-    head_options = sorted({(per * g, g) for g in groups for per in range(1, full.heads_per_group + 1)
-                           if per * g >= full.heads * space.min_keep_heads} | {(full.heads, full.kv_heads)})
+    per_min = max(1, math.ceil(full.heads_per_group * keep_w - 1e-9))
+    head_options = sorted({(per * g, g) for g in groups for per in range(per_min, full.heads_per_group + 1)}
+                          | {(full.heads, full.kv_heads)})
     if not width:
         head_options = [(full.heads, full.kv_heads)]
     heads = np.array([h for h, _ in head_options])
@@ -160,15 +203,16 @@ def enumerate_candidates(config, target_params: int, tolerance: float = 0.05, *,
     L, H, F, Q = np.meshgrid(layers, hidden, ffn, np.arange(len(heads)), indexing="ij")
     params = _count(config, L, H, F, heads[Q], kvs[Q], full.head_dim)
     lo, hi = target_params * (1 - tolerance), target_params * (1 + tolerance)
-    ok = (params >= lo) & (params <= hi)
+    ok = (params >= lo) & (params <= hi) & (params < total)  # the teacher itself is no candidate
     if family_of(config).hidden_per_head:
         ok &= H % heads[Q] == 0
     if not ok.any():
         smallest = int(params.min())
         if smallest > hi:
             raise UserError(f"budget {target_params:,} is below the smallest candidate ({smallest:,} parameters, "
-                            f"keeping ≥{space.min_keep_layers:.0%} of layers and ≥{space.min_keep_hidden:.0%} of "
-                            "widths): raise --target-params or --tolerance")
+                            f"keeping ≥{keep_d:.0%} of the layers and ≥{keep_w:.0%} of each width): raise "
+                            "--target-params or --tolerance, or allow more pruning (max_width_pruning, "
+                            "max_depth_pruning)")
         raise UserError(f"no {axes} candidate within {tolerance:.1%} of {target_params:,} parameters: "
                         "raise --tolerance or allow more axes")
     out = []
@@ -177,11 +221,8 @@ def enumerate_candidates(config, target_params: int, tolerance: float = 0.05, *,
         is_width = (shape.hidden, shape.ffn, shape.heads, shape.kv_heads) != \
             (full.hidden, full.ffn, full.heads, full.kv_heads)
         is_depth = shape.layers < full.layers
-        kind = "mixed" if is_width and is_depth else "depth" if is_depth else "width"
-        cand = Candidate(shape, int(params[idx]), kind)
-        out.append(cand)
-        if kind == "depth":  # the contiguous block just before the last layer (Llama-3.1-Minitron 4B-Depth)
-            dropped = full.layers - shape.layers
-            out.append(replace(cand, kind="depth-block", drop=(full.layers - 1 - dropped, full.layers - 2)))
-    out.sort(key=lambda c: (abs(c.params - target_params), c.kind))
+        out.append(Candidate(shape, int(params[idx]), "mixed" if is_width and is_depth else
+                             "depth" if is_depth else "width"))
+    out.sort(key=lambda c: (-c.shape.layers, abs(c.params - target_params), -c.shape.hidden, -c.shape.ffn,
+                            -c.shape.heads, -c.shape.kv_heads))
     return out

@@ -173,12 +173,29 @@ class CompressConfig(BaseModel):
     correction_tokens: Count = Field("1M", description="Teacher-correction budget in tokens.")
     memory_cap_gib: float = Field(0.0, ge=0, description="Only shapes whose bf16 weights plus the KV cache of one "
                                   "seq_len sequence fit in this many GiB (inference memory); 0 = no cap.")
-    search_max_candidates: int = Field(24, ge=1, description="Shapes scored by the proxy at most (spread evenly "
-                                       "over width, depth and mixed shapes).")
-    search_top_k: int = Field(4, ge=1, le=16, description="Candidates that get a short distillation.")
-    search_tokens: Count = Field("1M", description="Short-distillation budget per candidate, in tokens.")
-    proxy_batches: int = Field(2, ge=1, description="Validation batches for the cheap proxy (KL of the untrained "
-                                                    "pruned model).")
+    search_max_candidates: int = Field(32, ge=1, description="Candidates in the first round of successive "
+                                       "halving: the whole space when it is smaller, else an even sample of it (or "
+                                       "the best by the zero-shot proxy when search_proxy is on).")
+    search_tokens: Count = Field("8M", description="Token budget of the whole search, every round and candidate "
+                                 "together: successive halving splits it so that each round costs about the same "
+                                 "and the last few candidates train longest (the dry run prints the schedule).")
+    search_eta: int = Field(2, ge=2, le=8, description="Successive halving: each round keeps the best 1/eta of its "
+                            "candidates and trains them eta times longer.")
+    search_metric: Literal["val_loss", "val_kl"] = Field("val_loss", description="Ranking after each round: "
+                                                         "validation LM loss (the first paper's choice) or KL to "
+                                                         "the teacher.")
+    search_proxy: bool = Field(False, description="Zero-shot proxy as a first filter: score every shape by the "
+                               "validation KL of the pruned, untrained model and keep the best "
+                               "search_max_candidates (off: an even sample of the space).")
+    proxy_batches: int = Field(2, ge=1, description="Validation batches for the zero-shot proxy.")
+    max_width_pruning: float | None = Field(None, ge=0, lt=1, description="Fraction of each width axis (hidden, "
+                                            "MLP, query heads per group) the search may prune; empty = 40%, or "
+                                            "down to the target's share of the teacher for stronger compression.")
+    max_depth_pruning: float | None = Field(None, ge=0, lt=1, description="Fraction of the layers the search may "
+                                            "prune; empty = 20% with width (axes all), any for axes depth.")
+    depth_block_metric: Literal["loss", "cloze"] = Field("loss", description="Depth and mixed shapes remove the "
+                                                         "contiguous block of layers that hurts least: by "
+                                                         "validation LM loss, or by the offline cloze task.")
     distill_tokens: Count = Field("10M", description="Final distillation budget in tokens.")
     evaluate: bool = Field(True, description="Stage 5: benchmark teacher, pruned and final student with lm-eval.")
     eval_preset: Literal["quick", "paper", "offline"] = Field("offline", description="lm-eval task preset: "

@@ -17,6 +17,8 @@ the papers' default is mean over the sequence, L2 over samples.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -146,7 +148,7 @@ def _normalised_sq_sum(norm, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bt,btc->c", 1 / sq.mean(-1).clamp_min(1e-12), sq).double()  # no [B, T, H] quotient
 
 
-def _hidden_states(args, kwargs) -> torch.Tensor:
+def layer_input(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
@@ -155,7 +157,8 @@ def _layer_output(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _lm_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
+def lm_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token cross-entropy of `model` on `blocks` [n, seq_len] (the validation LM loss)."""
     device, total = next(model.parameters()).device, 0.0
     for i in range(0, len(blocks), batch_size):
         ids = blocks[i:i + batch_size].to(device)
@@ -165,17 +168,27 @@ def _lm_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
     return total / (blocks.shape[0] * (blocks.shape[1] - 1))
 
 
+@contextmanager
+def skipping(model, layers) -> Iterator[None]:
+    """Within the block, the decoder layers at the given indices pass their input through (a forward hook hands
+    it back), as if they had been removed: what depth pruning would do, without copying a weight."""
+    handles = [model.model.layers[i].register_forward_hook(lambda m, a, kw, o: layer_input(a, kw),
+                                                            with_kwargs=True) for i in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def layer_skip_losses(model, blocks: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Validation LM loss increase when each layer is skipped (its forward hook returns its input)."""
-    base = _lm_loss(model, blocks, batch_size)
+    """Validation LM loss increase when each layer is skipped."""
+    base = lm_loss(model, blocks, batch_size)
     out = []
-    for layer in model.model.layers:
-        handle = layer.register_forward_hook(lambda m, a, kw, o: _hidden_states(a, kw), with_kwargs=True)
-        try:
-            out.append(_lm_loss(model, blocks, batch_size) - base)
-        finally:
-            handle.remove()
+    for i in range(len(model.model.layers)):
+        with skipping(model, [i]):
+            out.append(lm_loss(model, blocks, batch_size) - base)
     return torch.tensor(out, dtype=torch.float32)
 
 
@@ -220,7 +233,7 @@ def compute_importance(model, calib: torch.Tensor, *, batch_size: int = 8, seq_a
 
     def on_layer(i):
         def hook(mod, args, kwargs, out):
-            x, y = _hidden_states(args, kwargs), _layer_output(out)
+            x, y = layer_input(args, kwargs), _layer_output(out)
             bi_sum[i] += (1 - F.cosine_similarity(x.float(), y.float(), dim=-1)).sum().double()
         return hook
 

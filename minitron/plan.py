@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minitron.archmath import SearchSpace, Shape, count_shape, enumerate_candidates, shape_of
+from minitron.archmath import Shape, count_shape, shape_of
 from minitron.config import CompressConfig, format_count
 from minitron.errors import UserError
 from minitron.families import family_of
@@ -629,23 +629,38 @@ def make_plan(cfg: CompressConfig, gpu: str | GPU = "h100-80gb", mfu: float | No
                                  f"{cfg.calib_samples} calibration sequences"
                                  + (" + layer ranking (one pass per skipped layer)" if cfg.axes != "width" else "")))
         if shape is None:
-            space = SearchSpace(prune_kv_groups=cfg.prune_kv_groups)
-            found = enumerate_candidates(_at(config, parent.shape), target, cfg.tolerance, axes=cfg.axes,
-                                         space=space)
-            top = found[:cfg.search_top_k]
-            best = Model(config, top[0].shape)
-            big = Model(config, max(top, key=lambda c: c.params).shape)
-            tokens = cfg.tokens("search_tokens")
-            st = train_stage(f"3 {step}search", big, parent, tokens, parent)
-            scored = min(len(found), cfg.search_max_candidates)
-            proxy = scored * cfg.proxy_batches * micro
-            st.tokens = tokens * len(top) + proxy
-            st.flops = st.flops * len(top) + forward_flops(parent, proxy, seq) * 2
+            from minitron.search import candidate_ranks, rows_for_run, sample_rows, schedule_for
+
+            rows = rows_for_run(cfg, _at(config, parent.shape), target)
+            space = len(rows)
+            selection = (f"the best {min(space, cfg.search_max_candidates)} of {space} by zero-shot proxy KL"
+                         if cfg.search_proxy else sample_rows(rows, cfg.search_max_candidates))
+            entering = [r for r in rows if r.status == "candidate"] if not cfg.search_proxy else rows
+            best = Model(config, rows[0].shape)  # shown: the first in the search's order, until the search decides
+            big = Model(config, max(entering, key=lambda r: r.params).shape)  # costs are bounded by the biggest
+            schedule = schedule_for(cfg, min(space, cfg.search_max_candidates),  # whole steps on every candidate's
+                                    ranks=candidate_ranks(cfg, parent, [r.shape for r in entering], g))  # ranks
+            st = train_stage(f"3 {step}search", big, parent, schedule.rounds[0].tokens, parent)
+            proxy = space * cfg.proxy_batches * micro if cfg.search_proxy else 0
+            lengths = {parent.shape.layers - r.shape.layers for r in entering if r.kind != "width"}
+            sweep = sum(parent.shape.layers - k + 1 for k in lengths) * cfg.val_batches * micro
+            st.tokens = schedule.total + proxy + sweep
+            st.flops = sum(r.candidates * (train_flops(big, r.tokens, seq) + forward_flops(parent, r.tokens, seq))
+                           for r in schedule.rounds) + forward_flops(parent, proxy + sweep, seq)
             st.gpu_hours = hours(st.flops)
             st.model_out = best
-            st.jobs = len(top)
-            st.note = (f"{len(found)} candidates within {cfg.tolerance:.0%} of {format_count(target)}; proxy KL on "
-                       f"{scored}, {len(top)} distilled for {format_count(tokens)} tokens each; shown: the closest")
+            # side by side on several nodes: round 1's candidates; later rounds hold fewer, longer trainings that
+            # cost about as much in all, so a round parallelises about like the first (whole GPUs per job)
+            st.jobs = schedule.rounds[0].candidates
+            last = schedule.rounds[-1]
+            st.note = (f"{space} candidates within {cfg.tolerance:.0%} of {format_count(target)}; round 1: "
+                       f"{selection}; "
+                       f"{schedule.describe()} (search_tokens = {cfg.search_tokens}; the rest rounds down to "
+                       f"whole steps); the last round trains {format_count(last.tokens)} tokens per candidate "
+                       f"({last.tokens // schedule.tokens_per_step} steps; P1's lightweight retraining: ~400 steps)"
+                       + (f"; proxy KL on {space} shapes" if proxy else "")
+                       + (f"; depth blocks: {sum(parent.shape.layers - k + 1 for k in lengths)} window positions"
+                          if lengths else "") + "; shown: the first candidate in the search's order")
             plan.stages.append(st)
             student = best
         else:

@@ -1,4 +1,5 @@
-"""PNG plots for reports and MLflow artifacts: the search's Pareto plot and the importance scores.
+"""PNG plots for reports and MLflow artifacts: the search (Pareto, successive halving, depth blocks) and the
+importance scores.
 
 Each `plot_x(..., path) -> path` writes one PNG with matplotlib's Agg backend (no display needed) and closes its
 figure, so a long flow that plots per stage does not accumulate memory. matplotlib is imported here only.
@@ -39,39 +40,170 @@ def pareto_front(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return front
 
 
-def plot_pareto(candidates, path, winner_index: int | None = None, title: str | None = None) -> Path:
-    """Parameters vs validation KL: the proxy KL of every scored candidate (hollow), the KL after the short
-    distillation of the top k (filled, joined to their proxy point), the Pareto front of the distilled ones, and
-    the winner marked. `winner_index` is the winner's "index" field (its enumeration id), not a list position."""
-    rows = _rows(candidates)
+# label offsets (points) tried around a point, nearest first: 8 directions at growing distance
+_OFFSETS = [(dx * r, dy * r) for r in (1, 2, 3, 4) for dx, dy in
+            ((6, 5), (6, -11), (-6, 5), (-6, -11), (0, 9), (0, -15), (10, -3), (-10, -3))]
+
+
+def place_labels(ax, points: list[tuple[float, float]], labels: list[str], fontsize: float = 7) -> list:
+    """Annotate points in priority order where the label overlaps no label placed before it, no marked point and
+    not the legend, and stays inside the axes, trying positions nearest first (far ones get a leader line). A label with no free spot is
+    left out rather than drawn over another. Returns the placed annotations."""
+    fig = ax.figure
+    fig.tight_layout()  # the final layout first: labels are placed in its pixel coordinates
+    fig.canvas.draw()  # a renderer, and the final data → pixel transform
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    marks = [ax.transData.transform(p) for p in points]
+    legend = ax.get_legend()
+    taken, placed = ([legend.get_window_extent(renderer)] if legend is not None else []), []
+    for (x, y), text, own in zip(points, labels, marks, strict=True):
+        for dx, dy in _OFFSETS:
+            far = abs(dx) + abs(dy) > 20
+            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                              ha="left" if dx >= 0 else "right", va="bottom",
+                              arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if far else None)
+            box = ann.get_window_extent(renderer).expanded(1.05, 1.1)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            hits_mark = any(box.contains(*m) for m in marks if m is not own)
+            if inside and not hits_mark and not any(box.overlaps(t) for t in taken):
+                taken.append(box)
+                placed.append(ann)
+                break
+            ann.remove()
+    return placed
+
+
+def _score_rows(rows: list[dict], metric: str, number: int | None) -> list[tuple[dict, float]]:
+    """(row, score) of the rows that finished round `number` (None: each row's last round)."""
+    out = []
+    for r in rows:
+        rounds = r.get("rounds") or []
+        if rounds and (number is None or len(rounds) >= number):
+            out.append((r, rounds[(number or len(rounds)) - 1][metric]))
+    return out
+
+
+def _param_unit(rows: list[dict]) -> tuple[str, float]:
     biggest = max((r["params"] for r in rows), default=1)
-    unit, scale = next((u, s) for u, s in (("B", 1e9), ("M", 1e6), ("K", 1e3), ("", 1)) if biggest >= s)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    proxied = [r for r in rows if r.get("proxy_kl") is not None]
-    done = [r for r in rows if r.get("final_kl") is not None and r.get("status") == "distilled"]
-    ax.scatter([r["params"] / scale for r in proxied], [r["proxy_kl"] for r in proxied], facecolors="none",
-               edgecolors="0.55", s=22, label="proxy (pruned, untrained)")
-    for r in done:
-        ax.plot([r["params"] / scale] * 2, [r["proxy_kl"], r["final_kl"]], color="0.8", lw=0.8, zorder=1)
-    ax.scatter([r["params"] / scale for r in done], [r["final_kl"] for r in done], color="tab:blue", s=30,
-               zorder=3, label="after short distillation")
-    front = pareto_front([(r["params"], r["final_kl"]) for r in done])
+    return next((u, s) for u, s in (("B", 1e9), ("M", 1e6), ("K", 1e3), ("", 1)) if biggest >= s)
+
+
+METRIC_LABELS = {"val_loss": "validation LM loss", "val_kl": "validation KL to the teacher"}
+
+
+def plot_pareto(candidates, path, metric: str = "val_loss", winner_index: int | None = None, *,
+                target: int | None = None, tolerance: float | None = None, title: str | None = None) -> Path:
+    """Parameters vs score: every candidate after round 1 (hollow: all at the same budget, so comparable), the
+    last round's candidates at its budget (filled, labelled) with their Pareto front, the target ± tolerance band,
+    and the winner starred. `winner_index` is the winner's "index" field (its enumeration id)."""
+    rows = _rows(candidates)
+    unit, scale = _param_unit(rows)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if target is not None:
+        if tolerance:
+            ax.axvspan(target * (1 - tolerance) / scale, target * (1 + tolerance) / scale, color="tab:green",
+                       alpha=0.08, label=f"target ± {tolerance:.0%}")
+        ax.axvline(target / scale, color="tab:green", lw=0.8, ls="--")
+    first = _score_rows(rows, metric, 1)
+    ax.scatter([r["params"] / scale for r, _ in first], [v for _, v in first], facecolors="none", edgecolors="0.55",
+               s=22, label="round 1 (every candidate)")
+    latest = max((len(r.get("rounds") or []) for r in rows), default=0)
+    final = [(r, v) for r, v in _score_rows(rows, metric, None) if len(r["rounds"]) == latest] if latest > 1 else []
+    if final:
+        ax.scatter([r["params"] / scale for r, _ in final], [v for _, v in final], color="tab:blue", s=30,
+                   zorder=3, label=f"round {latest} (last)")
+    front = pareto_front([(r["params"], v) for r, v in (final or first)])
     if len(front) > 1:
         ax.step([p / scale for p, _ in front], [k for _, k in front], where="post", color="tab:blue", lw=1,
                 alpha=0.6, label="Pareto front")
-    for r in done:
-        if r["index"] == winner_index:
-            ax.scatter([r["params"] / scale], [r["final_kl"]], marker="*", s=260, color="tab:red", zorder=4,
-                       label=f"winner {r.get('name', r['index'])}")
+    shown = final or first
+    win = [(r, v) for r, v in shown if r["index"] == winner_index]
+    for r, v in win:
+        ax.scatter([r["params"] / scale], [v], marker="*", s=260, color="tab:red", zorder=4,
+                   label=f"winner {r.get('name', r['index'])}")
     failed = sum(r.get("status") == "failed" for r in rows)
     ax.set_xlabel(f"parameters ({unit})" if unit else "parameters")
-    ax.set_ylabel("validation KL to teacher")
-    if proxied and min(r["proxy_kl"] for r in proxied) > 0:
-        ax.set_yscale("log")  # proxy KLs sit an order of magnitude above the distilled ones
-    ax.set_title(title or f"architecture search: {len(proxied)} scored, {len(done)} distilled"
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_title(title or f"architecture search: {len(first)} candidates, {len(final)} in the last round"
                  + (f", {failed} failed" if failed else ""))
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    # labels where they fit: the winner, the last round, its front, then round 1 from the best down
+    on_front = {p for p, _ in front}
+    labelled = sorted(final, key=lambda t: (t[0]["index"] != winner_index, t[0]["params"] not in on_front, t[1]))
+    labelled += sorted(((r, v) for r, v in first if not final or r["index"] not in {f["index"] for f, _ in final}),
+                       key=lambda t: t[1])
+    place_labels(ax, [(r["params"] / scale, v) for r, v in labelled], [_short(r) for r, _ in labelled])
+    return _save(fig, path)
+
+
+def _short(row: dict) -> str:
+    """A compact shape label: L32 h3072 f9216 q32 (and the removed block)."""
+    s = row["shape"]
+    drop = row.get("drop")
+    return f"L{s['layers']} h{s['hidden']} f{s['ffn']} q{s['heads']}" + (f" drop {drop[0] + 1}-{drop[1] + 1}"
+                                                                           if drop else "")
+
+
+def plot_halving(candidates, path, metric: str = "val_loss", winner_index: int | None = None,
+                 title: str | None = None) -> Path:
+    """Successive halving: tokens per candidate (log scale) against the score, one line per candidate across the
+    rounds it trained in. Candidates cut after a round end in a grey x; the last round's are blue, the winner red;
+    failures are counted in the title."""
+    rows = _rows(candidates)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    latest = max((len(r.get("rounds") or []) for r in rows), default=0)
+    budgets = sorted({rec["tokens"] for r in rows for rec in r.get("rounds") or []})
+    for b in budgets:
+        n = sum(any(rec["tokens"] == b for rec in r.get("rounds") or []) for r in rows)
+        ax.axvline(b, color="0.85", lw=0.8, zorder=0)
+        ax.annotate(f"{n}", (b, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=7, color="0.4")
+    for r in rows:
+        recs = r.get("rounds") or []
+        if not recs:
+            continue
+        x, y = [rec["tokens"] for rec in recs], [rec[metric] for rec in recs]
+        if r["index"] == winner_index:
+            ax.plot(x, y, color="tab:red", lw=2.2, marker="o", ms=4, zorder=5, label=f"winner {r['name']}")
+        elif len(recs) == latest:
+            ax.plot(x, y, color="tab:blue", lw=1.4, marker="o", ms=3, zorder=4)
+        else:
+            ax.plot(x, y, color="0.7", lw=0.7, zorder=2)
+            ax.scatter(x[-1:], y[-1:], marker="x", color="0.5", s=14, zorder=3)
+    ax.plot([], [], color="0.7", lw=0.7, marker="x", label="eliminated after a round")
+    ax.plot([], [], color="tab:blue", lw=1.4, marker="o", ms=3, label="reached the last round")
+    if len(budgets) > 1:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per candidate in the round (numbers: candidates trained)")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    failed = sum(r.get("status") == "failed" for r in rows)
+    ax.set_title((title or "successive halving") + (f" ({failed} failed)" if failed else ""))
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_depth_blocks(sweeps, path) -> Path:
+    """The window sweep: for each block length, the score of the model with the block starting at each layer
+    removed (x: first removed layer, 1-indexed), the chosen block marked."""
+    sweeps = [s.to_dict() if hasattr(s, "to_dict") else s for s in sweeps]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    cmap = plt.get_cmap("plasma")
+    for i, s in enumerate(sweeps):
+        color = cmap(i / max(len(sweeps), 1))
+        x = [start + 1 for start in s["starts"]]
+        ax.plot(x, s["values"], marker=".", color=color, lw=1.2, label=f"{s['length']} layers")
+        best = s["starts"].index(s["best"])
+        ax.scatter([x[best]], [s["values"][best]], marker="*", s=160, color=color, edgecolors="k", zorder=4)
+    metric = sweeps[0]["metric"] if sweeps else "loss"
+    _integer_ticks(ax.xaxis)
+    ax.set_xlabel("first layer of the removed block (1-indexed)")
+    ax.set_ylabel("validation LM loss (lower is better)" if metric == "loss" else "cloze accuracy (higher is better)")
+    ax.set_title("depth blocks: every contiguous position scored, the chosen one starred")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="block")
     return _save(fig, path)
 
 

@@ -197,6 +197,24 @@ def _slice_layer(rest: str, t: torch.Tensor, scores: ImportanceScores, src: int,
     raise UserError(f"do not know how to prune layer parameter '{rest}'")
 
 
+@torch.no_grad()
+def random_init(model, seed: int = 0):
+    """A model of `model`'s architecture (any pruned shape: its config) with fresh weights from the family's own
+    initialisation, the same for the same seed on any device: the from-scratch baseline that pruning + distillation
+    is measured against at equal tokens (arXiv 2407.14679). Same dtype and device; `model` is untouched."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    p = next(model.parameters())
+    with torch.random.fork_rng(devices=[]):  # built on the CPU: the caller's RNG streams stay where they were
+        torch.manual_seed(seed)
+        new = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=p.dtype)
+    new.to(p.device).eval()
+    new.name_or_path = getattr(model, "name_or_path", "")
+    return new
+
+
 def save_pruned(model, tokenizer, out) -> None:
     """A folder plain `AutoModelForCausalLM.from_pretrained` reloads (explicit head_dim and per-layer lists)."""
     from minitron.models import save_model

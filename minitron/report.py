@@ -43,20 +43,28 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows])
 
 
-def candidate_table(rows: list[dict], winner_index: int | None) -> list[dict]:
-    """The search's candidates (rows as in candidates.json), best proxy first, the winner marked."""
+def candidate_table(rows: list[dict], winner_index: int | None, metric: str = "val_loss") -> list[dict]:
+    """The search's candidates that trained or failed (rows as in candidates.json): the longest-trained first, each
+    group best first; the score after the candidate's last round to 3 significant digits, the winner marked."""
+    done = sorted((r for r in rows if r.get("rounds") or r.get("status") == "failed"),
+                  key=lambda r: (-len(r["rounds"]), r["rounds"][-1][metric] if r["rounds"] else math.inf, r["index"]))
+    proxy = any(r.get("proxy_kl") is not None for r in done)
     return [{"candidate": shape_label(r["shape"], r.get("drop")), "kind": r["kind"],
-             "params": format_count(r["params"]), "proxy KL": sig(r.get("proxy_kl")),
-             "KL after short distillation": sig(r.get("final_kl")),
-             "status": WINNER if r["index"] == winner_index else r["status"]} for r in rows]
+             "params": format_count(r["params"]), **({"proxy KL": sig(r.get("proxy_kl"))} if proxy else {}),
+             "rounds": len(r["rounds"]), f"{metric} after its last round": sig(r["rounds"][-1][metric])
+             if r["rounds"] else "-",
+             "status": WINNER if r["index"] == winner_index else
+             f"failed: {r['error'][:80]}" if r["status"] == "failed" else r["status"]} for r in done]
 
 
-def kendall_line(tau: float | None) -> str:
-    """One line on Kendall τ between the proxy ranking and the ranking after the short distillation."""
-    if tau is None:
-        return "Kendall τ: n/a (fewer than two candidates finished the short distillation)."
-    return (f"Kendall τ = {tau:+.2f}".replace("-", "−") + " between the proxy ranking and the ranking after short distillation "
-            "(+1: the proxy ranking held after retraining, −1: it reversed, 0: unrelated).")
+def kendall_line(rounds: list[dict]) -> str:
+    """One line on Kendall τ of each round's ranking against the round before (round 1: against the proxy)."""
+    taus = [f"round {r['round']} vs {r['tau_against']} " + f"{r['kendall_tau']:+.2f}".replace("-", "−")
+            for r in rounds if r["kendall_tau"] is not None]
+    if not taus:
+        return "Kendall τ: n/a (no round ranked two candidates that the round before had ranked too)."
+    return (f"Kendall τ: {', '.join(taus)} (+1: the order of the round before held after more retraining, −1: it "
+            "reversed, 0: unrelated).")
 
 
 def evaluation_tables(rows: list[dict], models: list[str], teacher: str) -> tuple[list[dict], list[dict]]:

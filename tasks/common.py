@@ -75,10 +75,12 @@ TRAIN = (*shared_fields(), "nproc")
 STAGE_FIELDS = {
     "correct-teacher": (*DATA, *TRAIN, "teacher", "correction_tokens"),
     "importance": (*DATA, "calib_samples", "calib_seq_len", "seq_agg", "batch_agg", "batch_size", "val_batches"),
-    "rank-candidates": (*DATA, "tolerance", "axes", "prune_kv_groups", "proxy_batches", "search_max_candidates",
-                        "memory_cap_gib", "layer_metric", "batch_size"),
-    "distill-candidate": (*DATA, *TRAIN, "search_tokens", "layer_metric"),
-    "select-architecture": ("name",),
+    "search-candidates": (*DATA, "tolerance", "axes", "prune_kv_groups", "max_width_pruning", "max_depth_pruning",
+                          "memory_cap_gib", "search_max_candidates", "search_proxy", "proxy_batches",
+                          "depth_block_metric", "eval_limit", "val_batches", "batch_size", "grad_accum", "nproc",
+                          "parallel", "activation_checkpointing", "search_tokens", "search_eta"),  # the schedule's
+    "distill-candidate": (*DATA, *TRAIN, "search_tokens"),  # the round's budget also comes as an input, `tokens`
+    "select-architecture": ("name", "search_metric", "tolerance"),
     "prune": (*DATA, "layer_metric"),
     "distill": (*DATA, *TRAIN, "distill_tokens"),
     "evaluate": (*DATA, "eval_preset", "eval_limit", "layer_metric"),  # DATA holds dtype: it changes the scores
@@ -402,12 +404,13 @@ def load_run_model(config: CompressConfig, ref: dict, ctx: RunContext):
 
 def task_run_label(stage_name: str, parameters: dict) -> str:
     """A stage's task-run name in the Prefect UI: the stage, and the candidate's shape or the target it works on
-    ("distill-candidate L24-H576-F1536-A9-KV3", "rank-candidates 72.60M")."""
+    and round ("distill-candidate L24-H576-F1536-A9-KV3 r2", "search-candidates 72.60M")."""
     from minitron.config import format_count
     from minitron.report import shape_label
 
     if isinstance(parameters.get("row"), dict):
-        return f"{stage_name} {shape_label(parameters['row']['shape'], parameters['row'].get('drop'))}"
+        label = f"{stage_name} {shape_label(parameters['row']['shape'], parameters['row'].get('drop'))}"
+        return label + (f" r{parameters['number']}" if isinstance(parameters.get("number"), int) else "")
     if isinstance(parameters.get("shape"), dict):
         return f"{stage_name} {shape_label(parameters['shape'], parameters.get('drop'))}"
     if isinstance(parameters.get("target"), int):
@@ -502,18 +505,19 @@ def training_job(config: CompressConfig, objective: str, tokens_field: str, chos
 
 @contextmanager
 def training_stage(ctx: RunContext, config: CompressConfig, name: str, params: dict, *, budget: str, trained,
-                   teacher=None) -> Iterator[tuple[Stage, Callable[..., dict]]]:
+                   teacher=None, total_tokens: int | None = None) -> Iterator[tuple[Stage, Callable[..., dict]]]:
     """`stage` for a training stage: it holds the GPUs of the stage's parallelism (the dry run's decision for the
     `counted` model it trains, against the `counted` teacher), logged with `params` on its MLflow child run. Yields
     the Stage and its one training call, `train(objective, model=spec, teacher=spec, out=folder, callback=...,
     **DistillConfig overrides)`: the job goes to `launch`, in this process on one device, under torchrun (its own
     process group, stopped with the stage) on several. It returns the worker's summary with `folder`: the trained
     model alone, ready to publish (<stage>/model; its checkpoints stay in `out`, default <stage>/run). Every metric
-    record goes to `callback`, by default the stage's MLflow run and progress."""
+    record goes to `callback`, by default the stage's MLflow run and progress. `total_tokens`: what the progress
+    counts to, where the stage trains another amount than its `budget` field (a search candidate's round)."""
     from minitron.distill.worker import launch
 
     chosen = training_parallelism(config, name, trained, teacher)
-    with stage(ctx, name, {**params, **parallelism_params(chosen)}, total_tokens=config.tokens(budget),
+    with stage(ctx, name, {**params, **parallelism_params(chosen)}, total_tokens=total_tokens or config.tokens(budget),
                devices=chosen.gpus) as s:
 
         def train(objective: str, *, model: str, teacher: str | None = None, out: Path | None = None,

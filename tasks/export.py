@@ -42,7 +42,7 @@ def export_student(config: CompressConfig, ctx: RunContext, teacher: dict, prune
                    report: dict | None) -> dict:
     from prefect.artifacts import create_markdown_artifact
 
-    from minitron.report import candidate_table, kendall_line, markdown_table, shape_label, sig
+    from minitron.report import markdown_table, shape_label, sig
     from tasks.storage import open_store
 
     parent = tracking.Run(tracking._client(ctx.tracking_uri), ctx.parent_run_id)
@@ -66,13 +66,11 @@ def export_student(config: CompressConfig, ctx: RunContext, teacher: dict, prune
                  {"model": f"pruned winner {shape_label(pruned['shape'], pruned.get('drop'))} (re-pruned from the "
                            "teacher)", "parameters": format_count(pruned["params"])},
                  {"model": "final student", "parameters": format_count(student["params"])}]), "",
-             f"Validation KL to the teacher: {sig(pruned.get('proxy_kl'))} right after pruning, "
+             f"Validation KL to the teacher: {sig(pruned.get('pruned_kl'))} right after pruning, "
              f"{sig(student['val_kl_before'])} when the final distillation started, {sig(student['val_kl'])} at its "
              "end.", "", f"- teacher checkpoint: `{teacher['uri']}`", f"- final checkpoint: `{student['uri']}`", ""]
-    if pruned.get("table"):
-        winner = next((r["index"] for r in pruned["table"] if r["name"] == pruned.get("name")), None)
-        lines += ["## Candidates", "", markdown_table(candidate_table(pruned["table"], winner)), "",
-                  kendall_line(pruned.get("kendall_tau")), ""]
+    if pruned.get("search_summary"):  # rounds, candidates, budget, depth blocks and charts (tasks/search.py)
+        lines += [pruned["search_summary"], ""]
     if report:
         lines += ["## Evaluation", "", report["table"], ""]
     if run_link:

@@ -97,6 +97,7 @@ class FlakyProxy:
         self.down_until = 0.0
         self.outages = 0
         self.refused = 0
+        self.upstream_errors: list[str] = []  # why a client was cut outside an outage (shown when a test fails)
         self.on_outage = None
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -120,7 +121,8 @@ class FlakyProxy:
                 continue
             try:
                 upstream = socket.create_connection(self.upstream)
-            except OSError:
+            except OSError as e:
+                self.upstream_errors.append(repr(e))
                 client.close()
                 continue
             with self.lock:
@@ -141,11 +143,12 @@ class FlakyProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
+            for s in (src, dst):  # both pumps of a connection end here: shut down wakes the other, close frees the fd
                 try:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                s.close()
 
     def _outage(self):  # called with the lock held
         self.budget = float("inf")

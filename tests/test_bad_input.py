@@ -97,7 +97,8 @@ RUN_CASES = [
     ("truncated-teacher", {"teacher": "{truncated-teacher}"}, r"file holds .* \(truncated\?\)"),
     ("pickled-only-teacher", {"teacher": "{pickled-teacher}"}, r"holds only pickled weights .* --allow-pickle"),
     ("cuda-without-gpu", {"device": "cuda"}, r"no CUDA GPU is visible: set device to cpu or auto"),
-    ("nproc-over-visible-gpus", {"nproc": 4}, r"this machine has 0 GPUs but .*distillation needs 4 .*lower nproc, or set device: cpu"),
+    ("nproc-over-visible-gpus", {"nproc": 4, "search_tokens": "100K"},  # a search budget that fits 4 ranks
+     r"this machine has 0 GPUs but .*distillation needs 4 .*lower nproc, or set device: cpu"),
     ("empty-corpus", {"data": "{empty}"}, r"data '.*empty.txt' has no text"),
     ("one-document-corpus", {"data": "{one-document}"},
      r"one-document.txt': it holds 1 document, but the document-level .* at least 2 .*: add text"),

@@ -52,6 +52,7 @@ def test_tiny_flow_end_to_end(services):
     from prefect.client.orchestration import get_client
 
     from flows.compress import compress
+    from flows.run import for_terminal
     from tasks.tracking import dump_run, metric_history
 
     summary = compress(tiny(name="e2e", eval_limit=10))
@@ -68,17 +69,30 @@ def test_tiny_flow_end_to_end(services):
                  "evaluate final"):
         assert name in children, sorted(children)
     assert children["tokenize"].data.tags["token_store"]  # the store every stage read
+    # successive halving over 8 of the tiny space's 9 shapes: 8 → 4 → 2, a child run per candidate and round
     candidates = [r for n, r in children.items() if n.startswith("candidate ")]
-    assert len(candidates) == 2
+    assert sorted(n.rsplit(" r", 1)[1] for n in children if n.startswith("candidate ")) == \
+        ["1"] * 8 + ["2"] * 4 + ["3"] * 2
     for run in candidates:
-        assert {"shape_layers", "shape_hidden", "shape_ffn", "shape_heads", "shape_kv_heads", "params"} <= set(
-            run.data.params)
+        assert {"shape_layers", "shape_hidden", "shape_ffn", "shape_heads", "shape_kv_heads", "params",
+                "round", "tokens"} <= set(run.data.params)
         curve = metric_history(run.info.run_id, "val_kl")
         assert len(curve) >= 2 and curve[0][0] < curve[-1][0]  # a loss curve over steps, not one point
+        assert int(run.data.params["tokens"]) == 1024 * 2 ** (int(run.data.params["round"]) - 1)
     assert len(metric_history(children["distill"].info.run_id, "val_kl")) >= 2
     assert "eval/corpus_cloze/acc" in children["evaluate final"].data.metrics
     select = next(r for n, r in children.items() if n.endswith(": select"))
-    assert {"candidates.json", "pareto.png"} <= {a.path for a in client.list_artifacts(select.info.run_id)}
+    assert {"candidates.json", "pareto.png", "halving.png"} <= {a.path for a in
+                                                                client.list_artifacts(select.info.run_id)}
+    taus = metric_history(select.info.run_id, "kendall_tau")
+    assert [step for step, _ in taus] == [2, 3]  # against the previous round (round 1 has no proxy to compare)
+    search = json.loads(Path(client.download_artifacts(select.info.run_id, "candidates.json")).read_text())
+    assert search["tokens_trained"] == search["schedule"]["total"] == 24_576 <= search["schedule"]["budget"]
+    assert select.data.metrics["search_tokens_trained"] == 24_576
+    space = next(r for n, r in children.items() if n.endswith(": candidates"))
+    assert "depth_blocks.png" in {a.path for a in client.list_artifacts(space.info.run_id)}
+    (sweep,) = search["depth_blocks"]  # the mixed shapes drop one layer: the block the sweep chose
+    assert all(c["drop"] == sweep["block"] for c in search["candidates"] if c["kind"] == "mixed" and c["rounds"])
     importance = {a.path for a in client.list_artifacts(children["importance"].info.run_id, "importance")}
     assert {"importance/head_importance.png", "importance/layer_importance.png"} <= importance
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "importance")] == [
@@ -92,7 +106,7 @@ def test_tiny_flow_end_to_end(services):
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="runs/e2e/")
             for o in page.get("Contents", [])]
     manifests = [k for k in keys if k.endswith("/manifest.json")]
-    assert len(manifests) >= 5  # correct-teacher, importance, 2 candidates, distill
+    assert len(manifests) >= 5  # correct-teacher, importance, the last round's 2 candidates, distill
     for key in manifests:
         manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
         folder = key.rsplit("/", 1)[0]
@@ -108,6 +122,10 @@ def test_tiny_flow_end_to_end(services):
     assert any(k.startswith("search-") for k in artifacts)
     assert "final student" in artifacts["summary"].data and "★ winner" in artifacts["summary"].data
     assert "evaluation-vs-teacher" in artifacts
+    text = artifacts["summary"].data  # the search section: rounds, τ and the three charts inline
+    assert "## Architecture search" in text and "| 3 | 2 |" in text and text.count("](data:image/png;base64,") == 3
+    # what `minitron run` prints: the chart names, not kilobytes of base64
+    assert "data:image" not in for_terminal(text) and "[chart: halving, in the Prefect summary]" in for_terminal(text)
 
     # secret hygiene: nothing we logged anywhere carries the credential
     texts = [dump_run(r.info.run_id) for r in [parent, *children.values()]]
@@ -119,13 +137,42 @@ def test_tiny_flow_end_to_end(services):
     assert texts and not [t for t in texts if SECRET in t]
 
 
+def test_failed_candidate_is_recorded_and_the_search_goes_on(services, monkeypatch):
+    """One candidate's task fails in round 1 (its pruning raises): its MLflow run ends FAILED, candidates.json and
+    the summary record it, the round ranks the others and the flow finishes."""
+    from mlflow import MlflowClient
+
+    import minitron.prune
+    from flows.compress import compress
+
+    prune = minitron.prune.prune
+
+    def flaky(model, scores, shape, **kwargs):
+        if (shape.layers, shape.hidden, shape.ffn) == (4, 48, 80):  # c000, the first shape of the tiny space
+            raise RuntimeError("injected: out of memory")
+        return prune(model, scores, shape, **kwargs)
+
+    monkeypatch.setattr(minitron.prune, "prune", flaky)
+    summary = compress(tiny(name="flaky", evaluate=False, correct_teacher=False, search_max_candidates=4))
+    children = children_of(summary["parent_run_id"])
+    failed = [r for n, r in children.items() if n.startswith("candidate L4-H48-F80-")]  # named by its shape
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert sum(n.startswith("candidate ") and n.endswith(" r1") for n in children) == 4
+    select = next(r for n, r in children.items() if n.endswith(": select"))
+    search = json.loads(Path(MlflowClient().download_artifacts(select.info.run_id, "candidates.json")).read_text())
+    row = next(c for c in search["candidates"] if c["index"] == 0)
+    assert (row["status"], row["failed_round"]) == ("failed", 1) and "injected: out of memory" in row["error"]
+    assert [(r["trained"], r["failed"]) for r in search["rounds"]] == [(3, 1), (2, 0)]
+    assert search["winner"]["index"] != 0 and "failed: round 1:" in summary["summary"]
+
+
 def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):
     from mlflow import MlflowClient
 
-    import minitron.search
+    import tasks.search
     from flows.compress import compress
 
-    config = tiny(name="resume", evaluate=False, search_top_k=1)
+    config = tiny(name="resume", evaluate=False, search_max_candidates=2)  # one round of two
 
     def importance_runs() -> int:
         client = MlflowClient()
@@ -137,7 +184,8 @@ def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):
 
     before = importance_runs()
     with monkeypatch.context() as patch:
-        patch.setattr(minitron.search, "proxy_candidates", broken)  # the search stage, after importance
+        # the search stage's first step, after importance (preflight's plan reads the space through minitron.search)
+        patch.setattr(tasks.search, "model_spec", broken)
         with pytest.raises(RuntimeError, match="injected failure"):
             compress(config)
     assert importance_runs() == before + 1
@@ -160,6 +208,7 @@ def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):
     ({"target_params": "10M"}, "not smaller than its teacher"),
     ({"target_heads_per_group": 3}, "between 1 and"),
     ({"distill_tokens": 100}, "less than one optimizer step"),
+    ({"search_tokens": "10K"}, "below the smallest successive-halving schedule for 8 candidates"),
 ])
 def test_bad_input_fails_in_seconds(services, override, message):
     from flows.preflight import preflight
@@ -220,10 +269,11 @@ def test_two_process_fsdp_flow_matches_one_process(services):
     torchrun (2 gloo processes, FSDP2) and end at the one-process run's validation KL.
 
     Both runs see the same global batch (2 x 4 sequences vs 1 x 8) and the same validation blocks (val_batches x
-    batch_size x processes); both candidates are distilled (top_k = max_candidates = 2) and width-only shapes need no
-    layer ranking. What differs is the order of fp32 sums: FSDP's reduce-scatter against one process, and the
-    importance and proxy batches (4 vs 8 sequences). The tiny random teacher is nearly uniform, so the final KL is
-    ~2.4e-5, a difference of log-probabilities near -5.8 that fp32 resolves to ~3e-7 per token: the measured gap
+    batch_size x processes); the search's one round distils both candidates (max_candidates = 2 = eta: successive
+    halving has nothing to cut) for the same whole steps (the schedule's step is the global batch), and width-only
+    shapes need no depth-block sweep. What differs is the order of fp32 sums: FSDP's reduce-scatter against one
+    process, and the importance batches (4 vs 8 sequences). The tiny random teacher is nearly uniform, so the final
+    KL is ~2.4e-5, a difference of log-probabilities near -5.8 that fp32 resolves to ~3e-7 per token: the measured gap
     is 8e-5 relative (2e-9 absolute). rel 1e-3 leaves 12x headroom and is 0.2% of what distillation moves the KL
     (it falls by more than half), so a lost gradient, shard or data slice would not pass."""
     from mlflow import MlflowClient
@@ -231,7 +281,7 @@ def test_two_process_fsdp_flow_matches_one_process(services):
     from flows.compress import compress
     from tasks.tracking import metric_history
 
-    common = dict(evaluate=False, axes="width", tolerance=0.2, search_max_candidates=2, search_top_k=2, device="cpu")
+    common = dict(evaluate=False, axes="width", tolerance=0.2, search_max_candidates=2, device="cpu")
     runs = {"one": compress(tiny(name="one", **common)),
             "two": compress(tiny(name="two", nproc=2, parallel="fsdp", batch_size=4, **common))}
     client = MlflowClient()

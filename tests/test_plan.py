@@ -297,10 +297,10 @@ def test_nodes_wall_hours_for_paper_presets(preset, capsys):
 
 
 def test_nodes_search_waves_and_uneven_batch():
-    """4 candidates of 8 GPUs on 3 nodes: 3 side by side, then 1 (two waves); 32 nodes split the width preset's
+    """Round 1's 4 candidates of 8 GPUs on 3 nodes: 3 side by side, then 1 (two waves); 32 nodes split the width preset's
     global batch of 1152 micro-batches unevenly over 256 GPUs, and the plan says so."""
     cfg = load_config_file(CONFIGS / "llama-3.1-8b-minitron-4b-width.yaml",
-                           ["target_hidden=null", "target_ffn=null", "search_tokens=2B", "search_top_k=4"])
+                           ["target_hidden=null", "target_ffn=null", "search_tokens=2B", "search_max_candidates=4"])
     plan = make_plan(cfg, "h100-80gb", root="/nonexistent", nodes=3)
     search = next(s for s in plan.stages if s.name == "3 search")
     assert (search.jobs, search.gpus) == (4, 8)
@@ -313,3 +313,15 @@ def test_nodes_search_waves_and_uneven_batch():
         CONFIGS / "llama-3.1-8b-minitron-4b-width.yaml"), root="/nonexistent", nodes=4))  # 1152 = 36 x 32
     with pytest.raises(UserError, match="--nodes 0 must be at least 1"):
         make_plan(cfg, nodes=0, root="/nonexistent")
+
+
+def test_dry_run_prints_the_search_budget(capsys):
+    assert main(["run", "--config", str(CONFIGS / "demo-cpu.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # 4 candidates x 1 step of 8 x 128 tokens, then 2 x 2 steps: 8 steps = 8,192 tokens of the 9K setting
+    assert ("4 → 2 candidates, 1.02K → 2.05K tokens each: 8,192 tokens of the search's 9,000-token budget "
+            "(search_tokens = 9K") in out
+    assert "an even sample of 4 of the 6 shapes" in out and "depth blocks: 30 window positions" in out
+    assert main(["run", "--config", str(CONFIGS / "demo-cpu.yaml"), "--dry-run", "--json"]) == 0
+    search = next(s for s in json.loads(capsys.readouterr().out)["stages"] if s["name"].endswith("search"))
+    assert search["tokens"] == 8_192 + 30 * 8 * 128  # training, plus the forward passes of the depth-block sweep

@@ -4,6 +4,7 @@ generate; bad shapes and foreign scores fail before any work."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -278,3 +279,29 @@ def test_kept_heads_is_prunes_choice():
         assert torch.equal(pruned.model.layers[new].self_attn.q_proj.weight, rows)
     assert kept_heads(s, Shape(4, 64, 128, 4, 2, 16), drop_layers=(1, 2)).tolist() == [
         [True] * 4, [False] * 4, [False] * 4, [True] * 4]
+
+
+def test_random_init_keeps_the_pruned_architecture_with_fresh_seeded_weights():
+    """The from-scratch baseline: the pruned shape exactly, the family's own init (near-uniform predictions: LM loss
+    ~ ln(vocab) on any tokens), reproducible by seed, and the caller's RNG stream untouched."""
+    from minitron.importance import lm_loss
+    from minitron.prune import random_init
+
+    model = build_tiny_model("llama")
+    pruned = prune(model, shuffled_scores(model), Shape(3, 48, 96, 2, 1, 16))
+    torch.manual_seed(5)
+    expected_next = torch.rand(3)
+    torch.manual_seed(5)
+    fresh = random_init(pruned, seed=1)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert fresh.config.to_dict() == pruned.config.to_dict()
+    new, old = fresh.state_dict(), pruned.state_dict()
+    assert {k: v.shape for k, v in new.items()} == {k: v.shape for k, v in old.items()}
+    for name, t in new.items():
+        if t.ndim == 2:  # every matrix is new (norm weights start at ones in both)
+            assert not torch.allclose(t, old[name]), name
+    assert fresh.get_output_embeddings().weight is fresh.get_input_embeddings().weight  # still tied
+    assert all(torch.equal(t, random_init(pruned, seed=1).state_dict()[k]) for k, t in new.items())
+    assert not torch.equal(new["model.layers.0.mlp.up_proj.weight"],
+                           random_init(pruned, seed=2).state_dict()["model.layers.0.mlp.up_proj.weight"])
+    assert lm_loss(fresh, IDS, batch_size=2) == pytest.approx(math.log(model.config.vocab_size), abs=0.05)

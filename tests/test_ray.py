@@ -110,7 +110,8 @@ def test_run_refuses_in_one_line(case, ray_cluster, tmp_path):
     nproc = 3 if case == "too-small" else 2
     result = subprocess.run(
         [sys.executable, "-m", "minitron.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
-         "--set", "backend=ray", "--set", f"ray_address={address}", "--set", f"nproc={nproc}", "--set", "device=cpu"],
+         "--set", "backend=ray", "--set", f"ray_address={address}", "--set", f"nproc={nproc}", "--set", "device=cpu",
+         "--set", "search_tokens=40K"],  # room for one step of 3 ranks per candidate: only the cluster is too small
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     expected = {"too-small": f"error: the Ray cluster at {address} has 2 CPUs but each training stage needs 3: ",

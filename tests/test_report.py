@@ -27,30 +27,42 @@ def test_shape_label_is_a_target_shapes_step():
     assert shape_label(shape, [15, 30]) == "L24-H576-F1536-A9-KV3 drop 16-31"
 
 
+def _rounds(*losses):
+    return [{"round": i + 1, "tokens": 1024 << i, "val_loss": v, "val_kl": v / 10} for i, v in enumerate(losses)]
+
+
 ROWS = [
     {"index": 4, "shape": {"layers": 4, "hidden": 64, "ffn": 128, "heads": 4, "kv_heads": 2}, "drop": None,
-     "kind": "width", "params": 94_660, "proxy_kl": 4.99e-4, "final_kl": 1.19e-4, "status": "distilled"},
+     "kind": "width", "params": 94_660, "rounds": _rounds(2.5, 1.19e-4), "status": "finalist", "error": None},
     {"index": 7, "shape": {"layers": 3, "hidden": 64, "ffn": 256, "heads": 4, "kv_heads": 2}, "drop": [1, 1],
-     "kind": "depth-block", "params": 99_000, "proxy_kl": 6.1e-4, "final_kl": 8.6e-5, "status": "distilled"},
+     "kind": "mixed", "params": 99_000, "rounds": _rounds(2.4, 8.6e-5), "status": "winner", "error": None},
     {"index": 9, "shape": {"layers": 4, "hidden": 48, "ffn": 128, "heads": 4, "kv_heads": 2}, "drop": None,
-     "kind": "width", "params": 90_000, "proxy_kl": 9.0e-4, "final_kl": None, "status": "proxied"},
+     "kind": "width", "params": 90_000, "rounds": _rounds(3.1), "status": "eliminated", "error": None},
+    {"index": 11, "shape": {"layers": 4, "hidden": 40, "ffn": 128, "heads": 4, "kv_heads": 2}, "drop": None,
+     "kind": "width", "params": 85_000, "rounds": [], "status": "failed", "error": "round 1: RuntimeError: oom"},
+    {"index": 12, "shape": {"layers": 4, "hidden": 40, "ffn": 112, "heads": 4, "kv_heads": 2}, "drop": None,
+     "kind": "width", "params": 84_000, "rounds": [], "status": "not sampled", "error": None},
 ]
 
 
 def test_candidate_table_marks_the_winner():
     table = candidate_table(ROWS, winner_index=7)
-    assert [r["status"] for r in table] == ["distilled", WINNER, "proxied"]
-    assert table[1] == {"candidate": "L3-H64-F256-A4-KV2 drop 2-2", "kind": "depth-block", "params": "99.00K",
-                        "proxy KL": "6.10e-04", "KL after short distillation": "8.60e-05", "status": WINNER}
-    assert table[2]["KL after short distillation"] == "-"
+    assert [r["status"] for r in table] == [WINNER, "finalist", "eliminated", "failed: round 1: RuntimeError: oom"]
+    assert table[0] == {"candidate": "L3-H64-F256-A4-KV2 drop 2-2", "kind": "mixed", "params": "99.00K",
+                        "rounds": 2, "val_loss after its last round": "8.60e-05", "status": WINNER}
+    assert table[3]["val_loss after its last round"] == "-"
     lines = markdown_table(table).splitlines()
-    assert lines[0] == "| candidate | kind | params | proxy KL | KL after short distillation | status |"
-    assert len(lines) == 5 and "★ winner" in lines[3]
+    assert lines[0] == "| candidate | kind | params | rounds | val_loss after its last round | status |"
+    assert len(lines) == 6 and "★ winner" in lines[2]
+    proxied = candidate_table([{**r, "proxy_kl": 0.5} for r in ROWS], winner_index=7)
+    assert proxied[0]["proxy KL"] == "0.500"
 
 
 def test_kendall_line_says_what_tau_means():
-    assert kendall_line(-1.0) == ("Kendall τ = −1.00 between the proxy ranking and the ranking after short "
-                                  "distillation (+1: the proxy ranking held after retraining, −1: it reversed, 0: "
-                                  "unrelated).")
-    assert kendall_line(1.0).startswith("Kendall τ = +1.00 ")
-    assert "n/a" in kendall_line(None)
+    rounds = [{"round": 1, "kendall_tau": None, "tau_against": None},
+              {"round": 2, "kendall_tau": -1.0, "tau_against": "round 1"},
+              {"round": 3, "kendall_tau": 1 / 3, "tau_against": "round 2"}]
+    assert kendall_line(rounds) == ("Kendall τ: round 2 vs round 1 −1.00, round 3 vs round 2 +0.33 (+1: the order "
+                                    "of the round before held after more retraining, −1: it reversed, 0: "
+                                    "unrelated).")
+    assert "n/a" in kendall_line(rounds[:1])

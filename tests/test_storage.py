@@ -178,7 +178,10 @@ def test_upload_survives_an_outage(s3_env, tmp_path):
         during = []
         # Cut the connection in the middle of the 256 KiB weights file and stay down for 1.5 s.
         proxy.fail_after(100_000, 1.5, on_outage=lambda: during.append(manifest_present(s3_env, f"{prefix}/ck")))
-        uri = store.put_folder(src, "ck")
+        try:
+            uri = store.put_folder(src, "ck")
+        except Exception as e:
+            raise AssertionError(f"upload failed after the outage; proxy saw {proxy.upstream_errors}") from e
         assert proxy.outages == 1 and during == [False]
         dest = storage.open_store(f"s3://{s3_env.checkpoint_bucket}/{prefix}").get_folder(uri, tmp_path / "d")
         assert {k: v for k, v in files_of(dest).items() if k != "manifest.json"} == files_of(src)

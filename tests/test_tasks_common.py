@@ -44,10 +44,10 @@ def test_every_stage_task_has_fields():
     from tasks.distill import distill_student
     from tasks.evaluate import evaluate_models
     from tasks.importance import score_importance
-    from tasks.search import distill_candidate, prune_to_shape, rank_candidates, select_architecture
+    from tasks.search import distill_candidate, plan_candidates, prune_to_shape, select_architecture
 
     tasks = (correct_teacher, distill_student, evaluate_models, score_importance, distill_candidate,
-             prune_to_shape, rank_candidates, select_architecture)
+             prune_to_shape, plan_candidates, select_architecture)
     assert {t.name for t in tasks} == set(STAGE_FIELDS)
 
 
@@ -56,8 +56,8 @@ def test_task_runs_are_named_after_stage_and_candidate():
 
     shape = {"layers": 3, "hidden": 64, "ffn": 64, "heads": 4, "kv_heads": 2, "head_dim": 16}
     row = {"index": 1, "name": "c001-L3-h64-f64-q4-kv2", "shape": shape, "drop": [1, 1]}
-    assert task_run_label("distill-candidate", {"row": row, "config": None}) == \
-        "distill-candidate L3-H64-F64-A4-KV2 drop 2-2"
-    assert task_run_label("rank-candidates", {"target": 72_600_000}) == "rank-candidates 72.60M"
+    assert task_run_label("distill-candidate", {"row": row, "config": None, "number": 2}) == \
+        "distill-candidate L3-H64-F64-A4-KV2 drop 2-2 r2"
+    assert task_run_label("search-candidates", {"target": 72_600_000}) == "search-candidates 72.60M"
     assert task_run_label("prune", {"shape": shape, "drop": None}) == "prune L3-H64-F64-A4-KV2"
     assert task_run_label("importance", {"teacher": {"uri": "x"}}) == "importance"

@@ -1,72 +1,80 @@
-"""`minitron search MODEL --scores S --data D --target-params 70M --tokens-per-candidate N --out DIR`: enumerate the
-pruned shapes within the budget, rank them all by proxy KL, short-distil the top k, keep the winner.
+"""`minitron search MODEL --scores S --data D --target-params 70M --budget-tokens 2M --out DIR`: successive halving
+over the pruned shapes within the budget (minitron/search.py): round 1 distils every candidate briefly, each round
+keeps the best 1/eta and trains them eta times longer, the best of the last round wins.
 
-DIR receives `candidates.json` (rewritten after every candidate), one folder per distilled candidate (its model,
-metrics.jsonl), `winner/` (the winner as a model folder) and `pareto.png`. Several comma-separated targets run an
-iterative schedule (each winner is re-scored and becomes the next teacher) under DIR/step<i>-<target>/.
+DIR receives `candidates.json` (rewritten after every candidate: rounds, scores, curves, failures, the schedule),
+one folder per candidate and round (metrics.jsonl), `winner/` (the winner as a model folder), `halving.png`,
+`pareto.png` and, for depth or mixed shapes, `depth_blocks.png`. One target per call: iterative pruning (8B,4B)
+needs each step's winner fully distilled before it teaches the next, which is what `minitron run` does.
 """
 
 from __future__ import annotations
 
-from minitron.commands.common import add_data_args, add_model_args, load_data_from_args, print_table
+from minitron.commands.common import (
+    add_data_args,
+    add_model_args,
+    add_space_args,
+    load_data_from_args,
+    print_table,
+    space_from_args,
+)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("search", help="architecture search: proxy-rank pruned shapes, short-distil the best, "
-                                      "keep the winner",
-                       description="Enumerate pruned shapes within a parameter budget (width, depth, mixed, "
-                                   "contiguous depth blocks), rank all by the validation KL of the pruned model, give "
-                                   "the top k the same short distillation and keep the lowest KL.")
+    p = sub.add_parser("search", help="architecture search: successive halving over the pruned shapes, keep the "
+                                      "winner",
+                       description="Enumerate the pruned shapes within a parameter budget (width, depth with data-"
+                                   "chosen blocks, mixed), distil every candidate briefly, keep the best 1/eta and "
+                                   "train them eta times longer, round after round, within one token budget.")
     p.add_argument("model", help="teacher: model folder, .gguf, hub id or alias")
     p.add_argument("--scores", required=True, help="importance scores of MODEL (from `minitron importance`)")
     add_data_args(p)
-    p.add_argument("--target-params", required=True,
-                   help="student size: 70M, 55%% of the teacher, or a shrinking comma list (8B,4B) for iterative "
-                        "pruning")
-    p.add_argument("--tolerance", type=float, default=0.05, help="relative tolerance around the target")
-    p.add_argument("--axes", default="all", choices=["all", "width", "depth"], help="which shapes to consider")
-    p.add_argument("--prune-kv-groups", action="store_true", help="also allow fewer KV groups")
-    p.add_argument("--layer-metric", default="loss", choices=["loss", "bi"],
-                   help="layer ranking for depth pruning: LM-loss increase when skipped, or Block Influence")
-    p.add_argument("--max-candidates", type=int, default=24,
-                   help="proxy-score at most this many shapes, spread over kinds and sizes")
+    p.add_argument("--target-params", required=True, help="student size: 70M, or 55%% of the teacher")
+    add_space_args(p)
     p.add_argument("--memory-cap-gib", type=float, default=None,
                    help="only shapes whose bf16 weights + KV cache of one --seq-len sequence fit in this many GiB")
+    p.add_argument("--max-candidates", type=int, default=32,
+                   help="candidates in round 1: the whole space if smaller, else an even sample (or --proxy's best)")
+    p.add_argument("--budget-tokens", required=True,
+                   help="token budget of the whole search (every round and candidate), e.g. 2M")
+    p.add_argument("--eta", type=int, default=2, help="each round keeps the best 1/eta and trains them eta x longer")
+    p.add_argument("--metric", default="val_loss", choices=["val_loss", "val_kl"],
+                   help="ranking: validation LM loss or KL to the teacher")
+    p.add_argument("--proxy", action="store_true",
+                   help="zero-shot first filter: keep the --max-candidates best by the KL of the untrained pruned "
+                        "model")
     p.add_argument("--proxy-batches", type=int, default=2, help="validation batches for the proxy KL")
-    p.add_argument("--top-k", type=int, default=4, help="candidates that get the short distillation")
-    p.add_argument("--tokens-per-candidate", required=True, help="short-distillation budget in tokens, e.g. 400K")
+    p.add_argument("--depth-block-metric", default="loss", choices=["loss", "cloze"],
+                   help="choose each removed block of layers by validation LM loss or the offline cloze task")
+    p.add_argument("--cloze-items", type=int, default=200, help="cloze items for --depth-block-metric cloze")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (proxy and distillation)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the short distillation")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (distillation and scoring)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of each short distillation")
     p.add_argument("--eval-every", type=int, default=25, help="steps between validations (loss-curve points)")
-    p.add_argument("--val-batches", type=int, default=2, help="validation batches per evaluation")
-    p.add_argument("--calib-samples", type=int, default=128,
-                   help="iterative schedules: calibration sequences to re-score each winner")
+    p.add_argument("--val-batches", type=int, default=2,
+                   help="validation batches per evaluation (and for the depth-block loss)")
     p.add_argument("--out", required=True, help="output folder (must not hold a previous search)")
     add_model_args(p)
     p.set_defaults(func=run)
 
 
-def _targets(spec: str, teacher_params: int) -> list[int]:
+def _target(spec: str, teacher_params: int) -> int:
     from minitron.config import parse_count
     from minitron.errors import UserError
 
-    out = []
-    for part in spec.split(","):
-        part = part.strip()
-        if part.endswith("%"):
-            out.append(int(teacher_params * float(part[:-1]) / 100))
-        else:
-            out.append(parse_count(part))
-    if out[0] >= teacher_params or out != sorted(out, reverse=True):
-        raise UserError(f"--target-params {spec}: targets must be below the teacher's {teacher_params:,} "
-                        "parameters and shrink step by step")
-    return out
+    if "," in spec:
+        raise UserError(f"--target-params {spec}: one target per search. Iterative pruning distils each step's "
+                        "winner fully before it teaches the next step: run `minitron run --config <preset> --set "
+                        f"target_params={spec}` (the flow), or search each step by hand on a distilled student")
+    target = int(teacher_params * float(spec[:-1]) / 100) if spec.strip().endswith("%") else parse_count(spec)
+    if target >= teacher_params:
+        raise UserError(f"--target-params {spec}: the target must be below the teacher's {teacher_params:,} "
+                        "parameters")
+    return target
 
 
 def run(args) -> int:
     import time
-    from functools import partial
     from pathlib import Path
 
     from minitron.archmath import count_params
@@ -74,104 +82,97 @@ def run(args) -> int:
     from minitron.errors import UserError
     from minitron.importance import ImportanceScores
     from minitron.models import load_config, resolve_device, resolve_dtype
-    from minitron.search import enumerate_rows, prune_candidate
+    from minitron.search import enumerate_rows, halving_schedule
 
     # --- every check before the teacher is loaded --------------------------------------------------------------
-    for flag in ("top_k", "seq_len", "batch_size", "proxy_batches", "eval_every", "val_batches", "calib_samples",
-                 "max_candidates"):
+    for flag in ("seq_len", "batch_size", "proxy_batches", "eval_every", "val_batches", "max_candidates",
+                 "cloze_items"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     out = Path(args.out)
     if (out / "candidates.json").exists() or (out / "winner").exists():
         raise UserError(f"'{out}' already holds a search: choose a new --out (finished work is never overwritten)")
-    tokens = parse_count(args.tokens_per_candidate)
-    if tokens < args.batch_size * args.seq_len:
-        raise UserError(f"--tokens-per-candidate {tokens:,} is less than one step ({args.batch_size} x "
-                        f"{args.seq_len} tokens): raise it or lower --batch-size/--seq-len")
+    budget = parse_count(args.budget_tokens)
     config = load_config(args.model, trust_remote_code=args.trust_remote_code)
-    targets = _targets(args.target_params, count_params(config))
+    target = _target(args.target_params, count_params(config))
     cap = int(args.memory_cap_gib * 2**30) if args.memory_cap_gib else None
-    enumerate_rows(config, targets[0], args.tolerance, axes=args.axes, prune_kv_groups=args.prune_kv_groups,
-                   max_memory_bytes=cap, context=args.seq_len)
+    rows = enumerate_rows(config, target, args.tolerance, axes=args.axes, space=space_from_args(args),
+                          max_memory_bytes=cap, context=args.seq_len)
+    schedule = halving_schedule(min(len(rows), args.max_candidates), budget, args.batch_size * args.seq_len,
+                                args.eta)
+    print(f"{len(rows)} shapes within {args.tolerance:.0%} of {format_count(target)}; {schedule.describe()}")
     if not Path(args.scores).is_file():
         raise UserError(f"scores file '{args.scores}' does not exist: run `minitron importance` first")
     scores = ImportanceScores.load(args.scores)
     scores.check_matches(config)
-    if args.layer_metric == "loss" and scores.layer_loss is None:
-        raise UserError("the scores have no layer-loss ranking: pass --layer-metric bi or re-score with "
-                        "validation blocks")
 
     # --- the search ----------------------------------------------------------------------------------------------
+    from minitron import plots
     from minitron.distill import DistillConfig
     from minitron.models import load_model, save_model
-    from minitron.plots import plot_pareto
-    from minitron.search import ShortDistill, search, search_iterative
+    from minitron.search import BlockCloze, ShortDistill, cloze_items, search
 
     # the teacher in the compute dtype: distillation runs it there, so every candidate is pruned from these weights
     device = resolve_device(args.device)
     teacher, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device,
                                     allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     data = load_data_from_args(args, tokenizer, args.seq_len)
-    distill_cfg = DistillConfig(tokens=tokens, batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10,
+    block_score = None
+    if args.depth_block_metric == "cloze":
+        from minitron.eval_data import EvalDataConfig
+
+        block_score = BlockCloze(cloze_items(EvalDataConfig(
+            data=args.data, val_fraction=args.val_fraction, seed=args.seed, hf_config=args.data_config,
+            hf_split=args.data_split, text_field=args.text_field), args.cloze_items), tokenizer)
+    distill_cfg = DistillConfig(tokens=budget, batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10,
                                 eval_every=args.eval_every, val_batches=args.val_batches, seed=args.seed,
                                 device=args.device, dtype=args.dtype, progress=False)
-    common = dict(tolerance=args.tolerance, top_k=args.top_k, tokens_per_candidate=tokens, axes=args.axes,
-                  prune_kv_groups=args.prune_kv_groups, proxy_batches=args.proxy_batches,
-                  batch_size=args.batch_size, max_candidates=args.max_candidates, max_memory_bytes=cap,
-                  seed=args.seed,
-                  make_candidate=partial(prune_candidate, layer_metric=args.layer_metric),
-                  short_distill=ShortDistill(distill_cfg, tokenizer), on_candidate=_print_event)
     start = time.perf_counter()
-    if len(targets) == 1:
-        results = [search(teacher, scores, data, target_params=targets[0], out_dir=out, **common)]
-        dirs = [out]
-    else:
-        from minitron.importance import compute_importance
-
-        def rescore(model):
-            calib = data.calibration(args.calib_samples, seed=args.seed)
-            val = data.val[:16] if args.layer_metric == "loss" else None
-            return compute_importance(model, calib, batch_size=args.batch_size, val_blocks=val)
-
-        results = search_iterative(teacher, scores, data, targets=targets, score=rescore, out_dir=out, **common)
-        dirs = [out / f"step{i}-{t}" for i, t in enumerate(targets, 1)]
+    result = search(teacher, scores, data, target_params=target, budget_tokens=budget, eta=args.eta,
+                    max_candidates=args.max_candidates, metric=args.metric, proxy=args.proxy,
+                    proxy_batches=args.proxy_batches, batch_size=args.batch_size, block_score=block_score,
+                    block_batches=args.val_batches, seed=args.seed, short_distill=ShortDistill(distill_cfg, tokenizer),
+                    on_candidate=_print_event, out_dir=out, rows=rows)
     seconds = time.perf_counter() - start
 
     # --- results -------------------------------------------------------------------------------------------------
-    for result, folder in zip(results, dirs, strict=False):
-        print(f"\ntarget {format_count(result.target_params)} -> {folder}")
-        print_table([_table_row(r) for r in result.table if r.status != "proxied" or r.proxy_rank <= 10],
-                    ["name", "kind", "params", "proxy_kl", "proxy_rank", "final_kl", "final_rank", "status"])
-        plot_pareto(result.table, folder / "pareto.png", result.winner.index if result.winner else None,
-                    title=f"search for {format_count(result.target_params)} parameters")
-        if result.winner is None:
-            raise UserError(f"every candidate failed (errors in {folder / 'candidates.json'})")
-        save_model(result.model, tokenizer, folder / "winner")
-        tau = "n/a" if result.kendall_tau is None else f"{result.kendall_tau:+.3f}"
-        print(f"winner {result.winner.name} ({result.winner.params:,} params, val KL {result.winner.final_kl:.4f})"
-              f" -> {folder / 'winner'}; Kendall tau(proxy, final) = {tau}")
+    metric = args.metric
+    print(f"\ntarget {format_count(target)} -> {out}; round 1: {result.selection}")
+    print_table([{"round": r["round"], "trained": r["trained"], "tokens_each": format_count(r["tokens_per_candidate"]),
+                  "failed": r["failed"], "kept": r["kept"], "best": r["best"] or "",
+                  "kendall_tau": "" if r["kendall_tau"] is None else f"{r['kendall_tau']:+.3f}",
+                  "tau_vs": r["tau_against"]} for r in result.rounds])
+    print(f"tokens trained: {result.tokens_trained:,} of the {budget:,}-token budget")
+    plots.plot_halving(result.table, out / "halving.png", metric, result.winner.index if result.winner else None)
+    plots.plot_pareto(result.table, out / "pareto.png", metric, result.winner.index if result.winner else None,
+                      target=target, tolerance=args.tolerance,
+                      title=f"search for {format_count(target)} parameters")
+    if result.sweeps:
+        plots.plot_depth_blocks(result.sweeps, out / "depth_blocks.png")
+        for s in result.sweeps:
+            print(f"depth block of {s.length}: layers {s.block[0] + 1}-{s.block[1] + 1} (by {s.metric} over "
+                  f"{len(s.starts)} positions)")
+    if result.winner is None:
+        raise UserError(f"every candidate failed (errors in {out / 'candidates.json'})")
+    save_model(result.model, tokenizer, out / "winner")
+    w = result.winner
+    print(f"winner {w.name} ({w.params:,} params, {metric} {w.score(metric):.4f} after {len(w.rounds)} rounds) -> "
+          f"{out / 'winner'}")
     print(f"search took {seconds:.0f} s")
     return 0
-
-
-def _fmt(x) -> str:
-    return "" if x is None else f"{x:.4f}"
-
-
-def _table_row(r) -> dict:
-    return {"name": r.name, "kind": r.kind, "params": f"{r.params:,}", "proxy_kl": _fmt(r.proxy_kl),
-            "proxy_rank": r.proxy_rank or "", "final_kl": _fmt(r.final_kl), "final_rank": r.final_rank or "",
-            "status": r.status if r.status != "failed" else f"failed: {r.error[:60]}"}
 
 
 def _print_event(e: dict) -> None:
     """One line per finished step of a candidate, so a long CPU search shows it is alive."""
     if e["event"] == "proxy":
         print(f"proxy  {e['name']:<40} {e['params']:>13,}  KL {e['proxy_kl']:.4f}", flush=True)
-    elif e["event"] == "progress" and e["metrics_point"].get("val_kl") is not None:
+    elif e["event"] == "progress" and e["metrics_point"].get("val_ce") is not None:
         m = e["metrics_point"]
-        print(f"  distil {e['name']} step {m['step']} val KL {m['val_kl']:.4f}", flush=True)
-    elif e["event"] == "distilled":
-        print(f"distilled {e['name']}: val KL {e['proxy_kl']:.4f} (proxy) -> {e['final_kl']:.4f}", flush=True)
+        print(f"  round {e['round']} {e['name']} step {m['step']} val loss {m['val_ce']:.4f} KL {m['val_kl']:.4f}",
+              flush=True)
+    elif e["event"] == "trained":
+        r = e["rounds"][-1]
+        print(f"round {e['round']} {e['name']}: val loss {r['val_loss']:.4f}, KL {r['val_kl']:.4f} "
+              f"({r['tokens']:,} tokens)", flush=True)
     elif e["event"] == "failed":
         print(f"FAILED {e['name']}: {e['error']}", flush=True)
