@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.services]
 
 ROOT = Path(__file__).resolve().parent.parent
 # tiny.yaml, shrunk: one candidate, no evaluation, a distillation of 128 steps with a checkpoint every 20
-SETTINGS = ["evaluate=false", "search_top_k=1", "correction_tokens=4K", "search_tokens=4K", "distill_tokens=64K",
+SETTINGS = ["evaluate=false", "search_max_candidates=2", "correction_tokens=4K", "search_tokens=4K", "distill_tokens=64K",
             "checkpoint_every=20", "eval_every=40", "max_corpus_tokens=100K"]
 DISTILL_LINE = re.compile(r"Task run 'distill' - distill step=(\d+)")
 
