@@ -100,7 +100,7 @@ def preflight(config: CompressConfig) -> Plan:
     if config.backend == "ray":  # last: joining a cluster takes seconds; it must answer, take our token and fit
         from tasks.ray_cluster import check_cluster
 
-        check_cluster(config, {"each training stage": config.nproc})
+        check_cluster(config, lambda gpu: cluster_needs(config, model_config, gpu))
     else:
         check_gpus(config, model_config)
     return Plan(teacher_ref={"uri": config.teacher, "params": teacher_params}, teacher_params=teacher_params,
@@ -157,7 +157,25 @@ def check_corpus(config: CompressConfig, teacher: str) -> None:
                         f"characters): {'raise max_corpus_tokens' if capped else 'add text'}")
 
 
-REFERENCE_GPU = "h100-80gb"  # what stages are sized for where no GPU is visible (the dry run's default)
+def training_stages(config: CompressConfig, teacher_config, gpu, sized: str) -> list:
+    """The plan's training stages on `gpu` as (name, plan stage): the GPUs each runs on, as the dry run prints and
+    the run executes; one line for a stage that fits no number of them (`sized` names the card in it)."""
+    from minitron.plan import make_plan
+
+    plan = make_plan(config, gpu, teacher_config=teacher_config)
+    stages = [(st.name.split(" ", 1)[1], st) for st in plan.stages if st.kind == "train"]
+    for name, st in stages:
+        if st.parallelism is None:
+            raise UserError(f"{name} on {sized}: {st.fit}")
+    return stages
+
+
+def cluster_needs(config: CompressConfig, teacher_config, gpu) -> dict[str, int]:
+    """backend ray: the workers each training stage runs on, sized for the cluster's GPU (`gpu`; None on a CPU
+    cluster, where each runs nproc CPU workers)."""
+    if gpu is None:
+        return {"each training stage": config.nproc}
+    return {name: st.gpus for name, st in training_stages(config, teacher_config, gpu, f"the cluster's {gpu.name}")}
 
 
 def check_gpus(config: CompressConfig, teacher_config) -> None:
@@ -167,19 +185,15 @@ def check_gpus(config: CompressConfig, teacher_config) -> None:
     import torch
 
     from minitron.models import resolve_device
-    from minitron.plan import local_gpu, make_plan
+    from minitron.plan import REFERENCE_GPU, local_gpu
 
     if config.device == "cpu":
         return
     resolve_device(config.device)  # device=cuda without a GPU: one line
     visible = torch.cuda.device_count()
     gpu = local_gpu(config.device)
-    plan = make_plan(config, gpu or REFERENCE_GPU, teacher_config=teacher_config)
-    stages = [(st.name.split(" ", 1)[1], st) for st in plan.stages if st.kind == "train"]
     sized = gpu.name if gpu else f"{REFERENCE_GPU}, as this machine has none"
-    for name, st in stages:
-        if st.parallelism is None:
-            raise UserError(f"{name} on {sized}: {st.fit}")
+    stages = training_stages(config, teacher_config, gpu or REFERENCE_GPU, sized)
     if any(st.gpus > max(visible, 1) for _, st in stages):
         needs = ", ".join(f"{name} needs {st.gpus} ({st.parallelism.describe()})" for name, st in stages)
         raise UserError(f"this machine has {visible} GPU{'s' * (visible != 1)} but {needs}, sized for {sized}: run "

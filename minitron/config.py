@@ -243,6 +243,9 @@ class CompressConfig(BaseModel):
                                     "head, host:port (GCS) or ray://host:port; empty = $RAY_ADDRESS (`minitron "
                                     "stack up --ray` prints it), else start or join a local cluster. The token "
                                     "comes from RAY_AUTH_TOKEN.")
+    ray_max_failures: int = Field(2, ge=0, description="backend ray: times a training job is restarted from its "
+                                  "last checkpoint after a worker dies (a lost node, an OOM kill) before the stage "
+                                  "fails.")
     queue_timeout_min: int = Field(720, ge=1, description="Minutes a stage waits for this machine's GPU (or CPU) "
                                    "while another run holds it, before failing.")
     stage_timeout_hours: float = Field(0.0, ge=0, description="A stage running longer than this is stopped (its "

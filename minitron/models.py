@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -313,6 +314,12 @@ def _check_safe_weights(folder: Path, allow_pickle: bool) -> None:
     raise UserError(f"'{folder}' is a config-only model (no *.safetensors): weights are needed for this command")
 
 
+# transformers builds a model on the meta device by patching torch process-wide while from_pretrained runs: two
+# threads loading at once (the search's candidates on backend ray, which hold no slot of this machine) can leave one
+# model's tensors on meta. One load at a time per process.
+_LOADING = threading.Lock()
+
+
 def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None, *,
                allow_pickle: bool = False, trust_remote_code: bool = False):
     """Load (model, tokenizer) from a spec, in eval mode, on `device` in `dtype` (see module doc for specs)."""
@@ -323,11 +330,12 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | 
     check_weights(spec, allow_pickle=allow_pickle)
     kind, where = _materialise(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        # on a GPU the tensors go straight to it: no rank holds a host copy of the model on the way
-        model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
-            device_map={"": str(device)} if device.type == "cuda" else None)
+        with _LOADING:
+            tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+            # on a GPU the tensors go straight to it: no rank holds a host copy of the model on the way
+            model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
+                device_map={"": str(device)} if device.type == "cuda" else None)
     except OSError as err:
         if kind == "hub":
             raise _hub_error(spec, err) from None

@@ -67,6 +67,7 @@ GPUS = {g.name: g for g in (
     GPU("l40s-48gb", 46068 * 2**20, 362e12),
     GPU("rtx4090-24gb", 24564 * 2**20, 165e12),  # bf16 with fp32 accumulate, as PyTorch runs it
 )}
+REFERENCE_GPU = "h100-80gb"  # stages are sized for it where no GPU of the table is visible (the dry run's default)
 USABLE = 0.9  # of a GPU's memory the plan lets a stage use: CUDA context, NCCL buffers, allocator fragmentation
 DEFAULT_MFU = 0.40  # when no benchmark result is found; a typical figure for single-node bf16 training
 BENCH_GLOB = "bench/results/distill_throughput-*.json"
@@ -569,7 +570,7 @@ def _at(config, shape: Shape):
     return out
 
 
-def make_plan(cfg: CompressConfig, gpu: str | GPU = "h100-80gb", mfu: float | None = None, root: str | Path = ".",
+def make_plan(cfg: CompressConfig, gpu: str | GPU = REFERENCE_GPU, mfu: float | None = None, root: str | Path = ".",
               teacher_config=None, nodes: int | None = None, gpus_per_node: int = 8) -> Plan:
     """The plan of `cfg` on `gpu` (a name of the table or a GPU; and on `nodes` nodes of `gpus_per_node` GPUs).
     `teacher_config` skips reading the teacher's config (tests)."""

@@ -208,9 +208,14 @@ def ensure_slot(name: str, inventory: tuple[int, ...]) -> None:
         client.upsert_global_concurrency_limit_by_name(name, max(1, len(inventory)))
 
 
+FETCHED: dict[str, str] = {}  # local copy → the checkpoint URI it came from (backend ray hands workers the URI)
+
+
 def fetch(ctx: RunContext, uri: str) -> Path:
     """A local, verified copy of a checkpoint in this run's scratch folder (see `local_copy`)."""
-    return local_copy(uri, ctx.work_dir)
+    local = local_copy(uri, ctx.work_dir)
+    FETCHED[str(local)] = uri
+    return local
 
 
 def local_copy(uri: str, work_dir: str | Path) -> Path:
@@ -290,16 +295,21 @@ class Stage:
 def stage(ctx: RunContext, name: str, params: dict | None = None, *, total_tokens: int | None = None,
           devices: int = 1, compute: bool = True) -> Iterator[Stage]:
     """Run a stage's work inside an MLflow child run, holding `devices` of the machine's GPUs (its one CPU slot on a
-    machine without GPUs) when `compute`. The store is checked first: a stage that could not publish never starts."""
+    machine without GPUs) when `compute`. `devices=0`: compute that runs elsewhere (a Ray cluster places it), so the
+    stage holds nothing of this machine. The store is checked first: a stage that could not publish never starts."""
     with tracking.child_run(ctx.parent_run_id, name, params, tracking_uri=ctx.tracking_uri) as run:
         s = Stage(ctx, name, run, total_tokens, progress=compute)
         if not compute:
             yield s
             return
-        with hold_devices(ctx, name, devices) as held:
+        if devices == 0:
             storage.check_store(ctx.store_uri)
-            s.devices = held
             yield s
+        else:
+            with hold_devices(ctx, name, devices) as held:
+                storage.check_store(ctx.store_uri)
+                s.devices = held
+                yield s
         s.progress(100.0)  # the last record of a loop rarely lands on the budget exactly
 
 
@@ -472,13 +482,16 @@ def counted(spec: str, shape: dict | None = None):
     return Model(config, Shape(**shape) if shape else shape_of(config))
 
 
-def training_parallelism(config: CompressConfig, name: str, trained, teacher=None):
-    """Stage `name`'s parallelism on this machine's GPU (`counted` models: the one trained, the frozen teacher),
-    decided by the function the dry run prints (`minitron.plan.train_parallelism`)."""
+def training_parallelism(config: CompressConfig, name: str, trained, teacher=None, cluster: dict | None = None):
+    """Stage `name`'s parallelism on this machine's GPU, or on the GPUs of the Ray cluster whose `cluster` resources
+    are given (`counted` models: the one trained, the frozen teacher), decided by the function the dry run prints
+    (`minitron.plan.train_parallelism`)."""
     from minitron.errors import UserError
     from minitron.plan import local_gpu, train_parallelism
+    from tasks.ray_cluster import cluster_gpu
 
-    chosen, _, verdict = train_parallelism(config, trained, teacher, local_gpu(config.device))
+    gpu = cluster_gpu(config, cluster) if cluster is not None else local_gpu(config.device)
+    chosen, _, verdict = train_parallelism(config, trained, teacher, gpu)
     if chosen is None:
         raise UserError(f"{name}: {verdict}")
     return chosen
@@ -510,27 +523,38 @@ def training_stage(ctx: RunContext, config: CompressConfig, name: str, params: d
     `counted` model it trains, against the `counted` teacher), logged with `params` on its MLflow child run. Yields
     the Stage and its one training call, `train(objective, model=spec, teacher=spec, out=folder, callback=...,
     **DistillConfig overrides)`: the job goes to `launch`, in this process on one device, under torchrun (its own
-    process group, stopped with the stage) on several. It returns the worker's summary with `folder`: the trained
-    model alone, ready to publish (<stage>/model; its checkpoints stay in `out`, default <stage>/run). Every metric
-    record goes to `callback`, by default the stage's MLflow run and progress. `total_tokens`: what the progress
-    counts to, where the stage trains another amount than its `budget` field (a search candidate's round)."""
+    process group, stopped with the stage) on several; under backend ray to a Ray Train job on the cluster
+    (tasks/ray_train.py). It returns the worker's summary with `folder`: the trained model alone, ready to publish
+    (<stage>/model; its checkpoints stay in `out`, default <stage>/run, or in the store's ray/ folder until the
+    stage ends). Every metric record goes to `callback`, by default the stage's MLflow run and progress.
+    `total_tokens`: what the progress counts to, where the stage trains another amount than its `budget` field (a
+    search candidate's round)."""
     from minitron.distill.worker import launch
+    from tasks import ray_cluster, ray_train
 
-    chosen = training_parallelism(config, name, trained, teacher)
+    on_ray = config.backend == "ray"
+    cluster = ray_cluster.connect(config.ray_address) if on_ray else None
+    chosen = training_parallelism(config, name, trained, teacher, cluster)
+    # Under backend ray, Ray places the job on the cluster's GPUs: the stage holds none of this machine's devices
     with stage(ctx, name, {**params, **parallelism_params(chosen)}, total_tokens=total_tokens or config.tokens(budget),
-               devices=chosen.gpus) as s:
+               devices=0 if on_ray else chosen.gpus) as s:
 
         def train(objective: str, *, model: str, teacher: str | None = None, out: Path | None = None,
                   callback=None, **overrides) -> dict:
             job = training_job(config, objective, budget, chosen, out or s.work / "run", model=model, teacher=teacher)
             job.train = replace(job.train, **overrides)
-            result = launch(job, devices=s.devices, callback=callback or s.on_metrics,
-                            on_line=get_run_logger().debug)
+            if on_ray:
+                result = ray_train.fit(ctx, config, s.name, cluster, job, callback=callback or s.on_metrics)
+            else:
+                result = launch(job, devices=s.devices, callback=callback or s.on_metrics,
+                                on_line=get_run_logger().debug)
             s.run.log_metrics({"corpus_tokens": result["corpus_tokens"],
                                "host_peak_rss_mib": max(result["peak_rss_mib"])})
             return {**result, "folder": model_folder(Path(job.out_dir), s.work / "model")}
 
         yield s, train
+    if on_ray:  # published: the job's checkpoints and the model's copy in the store's ray/ folder can go
+        ray_train.forget(ctx, name)
 
 
 # What a training output folder holds besides the model (the loop's and the worker's files)
