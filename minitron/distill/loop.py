@@ -396,7 +396,8 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
             line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
 
-    clock = {"start": time.perf_counter(), "paused": 0.0}  # validation and checkpoints are not training time
+    # a monotonic clock; validation and checkpoints are not training time
+    clock = {"start": time.perf_counter(), "paused": 0.0}
 
     def tokens_per_s(step: int) -> float:
         elapsed = time.perf_counter() - clock["start"] - clock["paused"]
@@ -429,7 +430,7 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
     bar = tqdm(total=total_steps, initial=start_step, unit="step", mininterval=1.0, dynamic_ncols=True,
                disable=not (cfg.progress and rank == 0))
     loss_acc, since_log = torch.zeros((), device=device), 0
-    clock["start"] = time.perf_counter()
+    clock.update(start=time.perf_counter(), paused=0.0)  # the first validation ran before the clock started
     for step in range(start_step, total_steps):
         lr = lr_at(step, total_steps, warmup, cfg.lr, cfg.min_lr)
         for group in optimizer.param_groups:
@@ -461,7 +462,8 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
         bar.update(1)
         if done % cfg.eval_every == 0 or done == total_steps:
             last_val = val_record(done)
-        if done % cfg.checkpoint_every == 0 and done < total_steps:
+        # the last step is checkpointed too: a run that trained to the end but could not publish resumes as finished
+        if done % cfg.checkpoint_every == 0 or done == total_steps:
             t0 = time.perf_counter()
             _save_checkpoint(out_dir, objective, optimizer, done, g, run_key, first_val, cfg.keep_checkpoints, rank)
             if on_checkpoint is not None:  # every rank, once rank 0's file is complete (Ray Train reports it)

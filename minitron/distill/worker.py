@@ -83,14 +83,14 @@ def launch(job: TrainJob, *, devices: tuple[int, ...] = (), callback: Callable[[
         return run_job(job, callback)
     if devices and len(devices) != job.nproc:
         raise ValueError(f"{job.nproc} processes need {job.nproc} devices, got {list(devices)}")
-    from minitron.proc import run_group
+    from minitron.proc import physical_ids, run_group
 
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("progress.jsonl", "result.json", "error.json"):
         (out / name).unlink(missing_ok=True)
     (out / "job.json").write_text(job.to_json())
-    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))} if devices else {}
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(physical_ids(devices))} if devices else {}  # as the machine numbers them
     code = run_group([sys.executable, "-m", "minitron.distill.worker", str(out / "job.json")], env=env,
                      on_line=on_line, poll=_Tail(out / "progress.jsonl", callback), poll_every_s=1.0)
     if (out / "error.json").is_file():
