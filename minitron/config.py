@@ -87,6 +87,12 @@ SHAPE_SPEC = re.compile(r"(?:(?:L|H|F|A|KV)\d+)(?:-(?:L|H|F|A|KV)\d+)*")
 RAY_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9._-]+:\d{1,5}$")
 
 
+# Fields every command that loads a model (MODEL_FIELDS) or reads a corpus (DATA_FIELDS, beside `data` itself) takes
+# as options of the same name: the stage commands and the tasks that build their arguments read these two lists.
+MODEL_FIELDS = ("device", "dtype", "allow_pickle", "trust_remote_code")
+DATA_FIELDS = ("data_config", "data_split", "text_field", "val_fraction", "seed", "token_store")
+
+
 # The Prefect form lists the fields in pipeline order under short group headings ("3 search · target_params").
 # A group opens at the field named here and runs, in declaration order, to the next opening field: a field added to
 # a section joins that section's group. FORM_REQUIRED: what a run cannot go without (the form marks the rest

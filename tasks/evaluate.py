@@ -22,7 +22,7 @@ def _run_cli(args: list[str], what: str) -> None:
 
     log = get_run_logger()
     tail: list[str] = []
-    code = run_group([sys.executable, "-m", "minitron.cli", *args],
+    code = run_group([sys.executable, "-m", "cli", *args],
                      on_line=lambda line: (tail.append(line), tail.__delitem__(slice(0, -20))))
     if code != 0:
         log.error("%s failed:\n%s", what, "\n".join(tail))
@@ -49,11 +49,11 @@ def _pruned_folder(config: CompressConfig, ctx: RunContext, pruned: dict, out: P
 
 def evaluate_args(config: CompressConfig, model: str, out: Path) -> list[str]:
     """`minitron evaluate` of `model` on the run's corpus split and runtime: its data and model options are run-config
-    fields under the same names (minitron/commands/common.py), so each is passed as the config holds it."""
-    from minitron.commands.common import DATA_ARGS, MODEL_ARGS
+    fields under the same names (minitron.config.DATA_FIELDS, MODEL_FIELDS), so each is passed as the config holds it."""
+    from minitron.config import DATA_FIELDS, MODEL_FIELDS
 
     args = ["evaluate", model, "--preset", config.eval_preset, "--data", config.data, "--out", str(out)]
-    for name in (*DATA_ARGS, *MODEL_ARGS):
+    for name in (*DATA_FIELDS, *MODEL_FIELDS):
         value, flag = getattr(config, name), f"--{name.replace('_', '-')}"
         if isinstance(value, bool):
             args.append(flag if value else f"--no-{flag[2:]}")

@@ -7,6 +7,7 @@ import json
 import pytest
 from conftest import FAMILIES, tiny_config
 
+from cli.main import main
 from minitron.archmath import (
     SearchSpace,
     Shape,
@@ -17,7 +18,6 @@ from minitron.archmath import (
     enumerate_candidates,
     shape_of,
 )
-from minitron.cli import main
 from minitron.errors import UserError
 from minitron.models import build_meta_model, load_config
 

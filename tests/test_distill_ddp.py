@@ -16,7 +16,7 @@ import torch
 from conftest import build_tiny_model
 from test_distill_loop import depth_pruned, one_thread, sharp_teacher  # noqa: F401  (autouse fixture)
 
-from minitron.cli import main
+from cli.main import main
 from minitron.models import make_byte_tokenizer, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cli(*argv, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "minitron.cli", *map(str, argv)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, argv)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 
@@ -152,7 +152,7 @@ def test_killed_two_process_distillation_resumes_from_its_last_checkpoint(tmp_pa
                 "--checkpoint-every", 10, *extra]
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    launcher = subprocess.Popen([sys.executable, "-m", "minitron.cli", *map(str, argv(tmp_path / "two", 2, 2))],
+    launcher = subprocess.Popen([sys.executable, "-m", "cli", *map(str, argv(tmp_path / "two", 2, 2))],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     checkpoints = tmp_path / "two" / "checkpoints"

@@ -13,8 +13,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from cli.main import main
 from minitron.archmath import Shape, shape_of
-from minitron.cli import main
 from minitron.config import load_config_file, make_config
 from minitron.errors import UserError
 from minitron.plan import (

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from conftest import FAMILIES, build_tiny_model
 
+from cli.main import main
 from minitron.archmath import Shape, count_shape, shape_of
-from minitron.cli import main
 from minitron.errors import UserError
 from minitron.importance import ImportanceScores, compute_importance
 from minitron.prune import norm_factor, prune, save_pruned

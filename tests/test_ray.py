@@ -109,7 +109,7 @@ def test_run_refuses_in_one_line(case, ray_cluster, tmp_path):
         env["RAY_AUTH_TOKEN"] = "0" * 64
     nproc = 3 if case == "too-small" else 2
     result = subprocess.run(
-        [sys.executable, "-m", "minitron.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        [sys.executable, "-m", "cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
          "--set", "backend=ray", "--set", f"ray_address={address}", "--set", f"nproc={nproc}", "--set", "device=cpu",
          "--set", "search_tokens=40K"],  # room for one step of 3 ranks per candidate: only the cluster is too small
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)

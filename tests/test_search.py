@@ -429,7 +429,7 @@ def tiny_search_setup(tmp_path, tiny_model, tiny_tokenizer, text_corpus):
 
 
 def test_cli_search_end_to_end(tiny_search_setup, text_corpus, tmp_path, capsys):
-    from minitron.cli import main
+    from cli.main import main
     from minitron.models import load_model
 
     teacher, folder, data, scores, scores_path = tiny_search_setup

@@ -131,8 +131,8 @@ def test_nproc_and_parallel_are_in_the_training_cache_keys(stage, field):
 
 def test_evaluate_gets_every_data_and_model_field(tmp_path):
     """Drift: the evaluate task passed --data without --data-config, --data-split or --text-field."""
-    from minitron.cli import build_parser
-    from minitron.commands.common import DATA_ARGS, MODEL_ARGS
+    from cli.main import build_parser
+    from minitron.config import DATA_FIELDS, MODEL_FIELDS
     from tasks.evaluate import evaluate_args
 
     config = load_config_file(CONFIGS / "tiny.yaml", ["data=wikitext", "data_config=wikitext-2-raw-v1",
@@ -140,14 +140,14 @@ def test_evaluate_gets_every_data_and_model_field(tmp_path):
                                                       "val_fraction=0.1", "dtype=bf16", "trust_remote_code=true"])
     args = build_parser().parse_args(evaluate_args(config, "model-folder", tmp_path / "out.json"))
     assert (args.model, args.data, args.preset, args.limit) == ("model-folder", "wikitext", "offline", 20)
-    for name in (*DATA_ARGS, *MODEL_ARGS):
+    for name in (*DATA_FIELDS, *MODEL_FIELDS):
         assert getattr(args, name) == getattr(config, name), name
 
 
 def test_kd_temperature_default_is_written_once():
     """Drift: the default was written four times. Every reader takes the run config's default object itself (a
     float written again elsewhere would be another object, so `is` fails)."""
-    from minitron.cli import build_parser
+    from cli.main import build_parser
     from minitron.distill.loss import KDLossConfig
 
     default = CompressConfig.model_fields["kd_temperature"].default
@@ -162,8 +162,8 @@ def test_kd_temperature_default_is_written_once():
 def test_cli_builds_the_same_job(tmp_path):
     """`minitron distill` flags are the run config's fields: the job it launches equals the flow's for the same
     values (`--temperature`, `--top-k` and `--batch` stay as older spellings)."""
-    from minitron.cli import build_parser
-    from minitron.commands.distill import train_job
+    from cli.commands.distill import train_job
+    from cli.main import build_parser
 
     args = build_parser().parse_args([
         "distill", "--teacher", "tiny-random-llama", "--student", "student-folder", "--data", "shakespeare",
@@ -256,7 +256,7 @@ def test_dry_run_and_run_choose_the_same_parallelism(preset, gpu, tmp_path, monk
 
 
 def test_dry_run_prints_the_decision(capsys):
-    from minitron.cli import main
+    from cli.main import main
 
     assert main(["run", "--config", str(CONFIGS / "llama-3.1-8b-minitron-4b-width.yaml"), "--dry-run", "--json"]) == 0
     stages = {s["name"]: s for s in json.loads(capsys.readouterr().out)["stages"]}

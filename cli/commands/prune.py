@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from minitron.commands.common import add_model_args, load_model_from_args
+from cli.commands.common import add_model_args, load_model_from_args
 
 
 def register(sub) -> None:

@@ -10,7 +10,7 @@ needs each step's winner fully distilled before it teaches the next, which is wh
 
 from __future__ import annotations
 
-from minitron.commands.common import (
+from cli.commands.common import (
     add_data_args,
     add_model_args,
     add_space_args,

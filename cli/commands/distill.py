@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from minitron.commands.common import (
-    DATA_ARGS,
-    MODEL_ARGS,
-    add_config_args,
-    add_data_args,
-    add_model_args,
-    data_spec_from_args,
-)
+from cli.commands.common import add_config_args, add_data_args, add_model_args, data_spec_from_args
+from minitron.config import DATA_FIELDS, MODEL_FIELDS
 
 KD_ARGS = ("kd_temperature", "kd_top_k", "ce_weight", "intermediate_weight")  # what teacher correction has not
 ALIASES = {"batch_size": "--batch", "kd_temperature": "--temperature", "kd_top_k": "--top-k"}  # older spellings
@@ -23,7 +17,7 @@ def train_args() -> tuple[str, ...]:
     from minitron.config import shared_fields
 
     return ("seq_len", "max_corpus_tokens", "nproc",
-            *(f for f in shared_fields() if f not in MODEL_ARGS + DATA_ARGS))
+            *(f for f in shared_fields() if f not in MODEL_FIELDS + DATA_FIELDS))
 
 
 def add_train_args(p: argparse.ArgumentParser, *, kd: bool) -> None:
