@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flows.environment import store_uri, tracking_uri
-from minitron.config import CompressConfig, format_count, make_config
+from minitron.config import CompressConfig, format_count, make_config, optimizer_steps
 from minitron.errors import UserError
 
 
@@ -79,12 +79,10 @@ def preflight(config: CompressConfig) -> Plan:
             schedule_for(config, min(len(rows), config.search_max_candidates), ranks=config.nproc)
         previous = step.target
 
-    tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
     budgets = ("correction_tokens",) * config.correct_teacher + ("distill_tokens",)  # the search's: its schedule
     for field in budgets:  # of the stages that run
-        if config.tokens(field) < tokens_per_step:
-            raise UserError(f"{field} = {getattr(config, field)} is less than one optimizer step "
-                            f"({tokens_per_step} tokens = batch_size x grad_accum x seq_len)")
+        optimizer_steps(config.tokens(field), batch_size=config.batch_size, seq_len=config.seq_len,
+                        grad_accum=config.grad_accum, world=1, budget=f"{field} = {getattr(config, field)}")
     if config.backend == "ray":  # last: joining a cluster takes seconds; it must answer, take our token and fit
         from tasks.ray_cluster import check_cluster
 

@@ -377,13 +377,21 @@ class DistillConfig:
         return cls(tokens=cfg.tokens(tokens_field), **values)
 
     def steps(self, seq_len: int, world: int) -> int:
-        """Optimizer steps of the budget on `world` ranks; a UserError when it is smaller than one step."""
-        per_step = self.batch_size * seq_len * self.grad_accum * world
-        if self.tokens < per_step:
-            raise UserError(f"token budget {self.tokens:,} is smaller than one optimizer step ({self.batch_size} x "
-                            f"{seq_len} tokens x {self.grad_accum} accum x {world} ranks = {per_step:,}): raise "
-                            "the tokens or lower batch_size/seq_len")
-        return self.tokens // per_step
+        return optimizer_steps(self.tokens, batch_size=self.batch_size, seq_len=seq_len, grad_accum=self.grad_accum,
+                               world=world)
+
+
+def optimizer_steps(tokens: int, *, batch_size: int, seq_len: int, grad_accum: int, world: int,
+                    budget: str = "token budget") -> int:
+    """Optimizer steps of a token budget on `world` ranks; a UserError when it is smaller than one step. The one
+    check of that rule: the training loop, the dry-run plan and preflight all call it (`budget` names the
+    budget in the message: "distill_tokens = 100")."""
+    per_step = batch_size * seq_len * grad_accum * world
+    if tokens < per_step:
+        raise UserError(f"{budget} ({tokens:,} tokens) is smaller than one optimizer step ({batch_size} x "
+                        f"{seq_len} tokens x {grad_accum} accum x {world} ranks = {per_step:,}): raise "
+                        "the tokens or lower batch_size/seq_len")
+    return tokens // per_step
 
 
 def shared_fields() -> tuple[str, ...]:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minitron.archmath import Shape, count_shape, shape_of
-from minitron.config import CompressConfig, format_count
+from minitron.config import CompressConfig, format_count, optimizer_steps
 from minitron.errors import UserError
 from minitron.families import family_of
 
@@ -600,10 +600,8 @@ def make_plan(cfg: CompressConfig, gpu: str | GPU = "h100-80gb", mfu: float | No
         chosen, mem, fit = train_parallelism(cfg, student, teacher_m, g)
         flops = train_flops(student, tokens, seq) + (forward_flops(teacher_m, tokens, seq) if teacher_m else 0)
         gpus = chosen.gpus if chosen else 0
-        per_step = micro * cfg.grad_accum * max(gpus, cfg.nproc)
-        if tokens < per_step:
-            raise UserError(f"{name}: budget of {tokens:,} tokens is below one optimizer step ({per_step:,} "
-                            "tokens = batch_size x seq_len x grad_accum x GPUs)")
+        optimizer_steps(tokens, batch_size=cfg.batch_size, seq_len=seq, grad_accum=cfg.grad_accum,
+                        world=max(gpus, cfg.nproc), budget=f"{name}: budget")
         return Stage(name, "train", parent, student, tokens, flops, mem, fit, gpus, hours(flops), note, chosen)
 
     if cfg.correct_teacher:

@@ -207,7 +207,7 @@ def test_resume_after_failure_reuses_finished_stages(services, monkeypatch):
     ({"checkpoint_store": "s3://no-such-bucket/x"}, "no-such-bucket"),
     ({"target_params": "10M"}, "not smaller than its teacher"),
     ({"target_heads_per_group": 3}, "between 1 and"),
-    ({"distill_tokens": 100}, "less than one optimizer step"),
+    ({"distill_tokens": 100}, "smaller than one optimizer step"),
     ({"search_tokens": "10K"}, "below the smallest successive-halving schedule for 8 candidates"),
 ])
 def test_bad_input_fails_in_seconds(services, override, message):
