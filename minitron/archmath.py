@@ -8,6 +8,7 @@ The count is one formula over numpy-broadcastable integers: `count_params` appli
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +32,35 @@ class Shape:
     def heads_per_group(self) -> int:
         return self.heads // self.kv_heads
 
-    def __str__(self) -> str:
-        return (f"L{self.layers} h{self.hidden} ffn{self.ffn} heads{self.heads}/kv{self.kv_heads} "
-                f"hd{self.head_dim}")
+    def spec(self) -> str:
+        """The shape as the config's `target_shapes` writes it: "L24-H576-F1536-A9-KV3" (layers, hidden, MLP,
+        query heads, KV groups; head_dim is never pruned). What every table, label and log line prints."""
+        return shape_spec(self.__dict__)
+
+    __str__ = spec
+
+    @classmethod
+    def from_spec(cls, spec: str, parent: Shape) -> Shape:
+        """`spec` (parts in any order, each optional: the parent's value otherwise) as a Shape with the parent's
+        head_dim; a UserError names a spec SHAPE_SPEC does not read."""
+        if not SHAPE_SPEC.fullmatch(spec.strip()):
+            raise UserError(f"cannot read shape '{spec.strip()}': use dash-separated parts L<layers>, H<hidden>, "
+                            "F<ffn>, A<query heads>, KV<kv groups>, e.g. L32-H3072-F9216-A24-KV8")
+        values = {name: getattr(parent, name) for name in SPEC_CODES.values()}
+        for part in spec.strip().split("-"):
+            code, num = re.fullmatch(r"(KV|L|H|F|A)(\d+)", part).groups()
+            values[SPEC_CODES[code]] = int(num)
+        return cls(**values, head_dim=parent.head_dim)
+
+
+# The letter codes of a shape spec, in the order spec() writes them, and the form one pruning step's spec takes.
+SPEC_CODES = {"L": "layers", "H": "hidden", "F": "ffn", "A": "heads", "KV": "kv_heads"}
+SHAPE_SPEC = re.compile(r"(?:(?:L|H|F|A|KV)\d+)(?:-(?:L|H|F|A|KV)\d+)*")
+
+
+def shape_spec(values: dict) -> str:
+    """Shape.spec() of a shape's fields as a dict (a candidate row's or a manifest's `shape`)."""
+    return "-".join(f"{code}{values[name]}" for code, name in SPEC_CODES.items())
 
 
 def shape_of(config) -> Shape:

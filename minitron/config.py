@@ -81,8 +81,6 @@ def format_count(n: int) -> str:
 Count = Annotated[str, StringConstraints(pattern=COUNT_PATTERN), BeforeValidator(_as_count)]
 Target = Annotated[str, StringConstraints(pattern=TARGET_PATTERN), BeforeValidator(_as_target)]
 
-# One step of `target_shapes`: dash-separated parts in any order, each a letter code and a number (L32-H3072-A24-KV8).
-SHAPE_SPEC = re.compile(r"(?:(?:L|H|F|A|KV)\d+)(?:-(?:L|H|F|A|KV)\d+)*")
 # A Ray head as ray.init() takes it: host:port of the GCS (10.0.0.5:6379, ray-head:6379) or a Ray Client URL.
 RAY_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9._-]+:\d{1,5}$")
 
@@ -281,10 +279,13 @@ class CompressConfig(BaseModel):
     @classmethod
     def _shapes(cls, v):
         if v is not None:
-            for step in v.split(","):
-                if not SHAPE_SPEC.fullmatch(step.strip()):
-                    raise ValueError(f"cannot read shape '{step.strip()}': use dash-separated parts L<layers>, "
-                                     "H<hidden>, F<ffn>, A<query heads>, KV<kv groups>, e.g. L32-H3072-F9216-A24-KV8")
+            from minitron.archmath import Shape
+
+            for step in v.split(","):  # read against any parent: only the form is checked here
+                try:
+                    Shape.from_spec(step, Shape(1, 1, 1, 1, 1, 1))
+                except UserError as err:
+                    raise ValueError(str(err)) from None
         return v
 
     @field_validator("ray_address", mode="before")

@@ -39,7 +39,6 @@ from __future__ import annotations
 import copy
 import glob
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,8 +146,7 @@ class Model:
         return self.layer_params * s.layers - norms + self.vocab * s.hidden
 
     def describe(self) -> str:
-        s = self.shape
-        return f"L{s.layers}-H{s.hidden}-F{s.ffn}-A{s.heads}-KV{s.kv_heads}"
+        return self.shape.spec()
 
 
 def layer_activation_bytes(m: Model, autocast: bool) -> int:
@@ -254,15 +252,6 @@ def forward_flops(m: Model, tokens: int, seq_len: int) -> float:
 # shapes of the pruning steps
 
 
-def parse_shape(spec: str, parent: Shape) -> Shape:
-    """'L32-H3072-F9216-A24-KV8' (parts optional, parent's value otherwise) → Shape with the parent's head_dim."""
-    values = {"L": parent.layers, "H": parent.hidden, "F": parent.ffn, "A": parent.heads, "KV": parent.kv_heads}
-    for part in spec.strip().split("-"):
-        key, num = re.fullmatch(r"(KV|L|H|F|A)(\d+)", part).groups()
-        values[key] = int(num)
-    return Shape(values["L"], values["H"], values["F"], values["A"], values["KV"], parent.head_dim)
-
-
 def check_shape(shape: Shape, parent: Shape, where: str) -> None:
     """A pruned shape must be a sub-shape of its parent with whole query-head groups; one-line error otherwise."""
     for name, got, full in (("layers", shape.layers, parent.layers), ("hidden", shape.hidden, parent.hidden),
@@ -305,7 +294,7 @@ def step_shapes(cfg: CompressConfig, teacher: Shape) -> list[Shape | None]:
             raise UserError(f"{single[0]} and target_shapes both set: use target_shapes alone")
         out, parent = [], teacher
         for i, spec in enumerate(specs, 1):
-            shape = parse_shape(spec, parent)
+            shape = Shape.from_spec(spec, parent)
             check_shape(shape, parent, f"target_shapes step {i} ({spec.strip()})")
             out.append(shape)
             parent = shape

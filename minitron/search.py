@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from minitron.archmath import shape_spec
 from minitron.errors import UserError
 
 Event = dict  # {"event": ..., **CandidateRow.to_dict(), ...}
@@ -79,9 +80,8 @@ class CandidateRow:
 
     @property
     def name(self) -> str:
-        s = self.shape
         block = f"-drop{self.drop[0]}_{self.drop[1]}" if self.drop else ""
-        return f"c{self.index:03d}-L{s.layers}-h{s.hidden}-f{s.ffn}-q{s.heads}-kv{s.kv_heads}{block}"
+        return f"c{self.index:03d}-{shape_spec(vars(self.shape))}{block}"
 
     def score(self, metric: str, number: int | None = None) -> float | None:
         """The row's `metric` after round `number` (default: the last round it finished)."""
