@@ -437,7 +437,7 @@ def test_cli_search_end_to_end(tiny_search_setup, text_corpus, tmp_path, capsys)
     args = ["search", str(folder), "--scores", str(scores_path), "--data", str(text_corpus), "--val-fraction",
             "0.2", "--target-params", "100K", "--tolerance", "0.1", "--max-depth-pruning", "0.25",
             "--max-candidates", "5", "--budget-tokens", "3K", "--depth-block-metric", "cloze", "--cloze-items", "6",
-            "--seq-len", "32", "--batch-size", "4", "--eval-every", "2", "--out", str(out)]
+            "--seq-len", "32", "--batch-size", "4", "--eval-every", "2", "--val-batches", "2", "--out", str(out)]
     assert main(args) == 0
     saved = json.loads((out / "candidates.json").read_text())
     # 5 → 3 → 2 candidates; 5 + 3·2 + 2·4 = 19 round-1 budgets of one 128-token step in 3,000 tokens

@@ -11,6 +11,7 @@ needs each step's winner fully distilled before it teaches the next, which is wh
 from __future__ import annotations
 
 from cli.commands.common import (
+    add_config_args,
     add_data_args,
     add_model_args,
     add_space_args,
@@ -43,16 +44,10 @@ def register(sub) -> None:
     p.add_argument("--proxy", action="store_true",
                    help="zero-shot first filter: keep the --max-candidates best by the KL of the untrained pruned "
                         "model")
-    p.add_argument("--proxy-batches", type=int, default=2, help="validation batches for the proxy KL")
-    p.add_argument("--depth-block-metric", default="loss", choices=["loss", "cloze"],
-                   help="choose each removed block of layers by validation LM loss or the offline cloze task")
     p.add_argument("--cloze-items", type=int, default=200, help="cloze items for --depth-block-metric cloze")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (distillation and scoring)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of each short distillation")
-    p.add_argument("--eval-every", type=int, default=25, help="steps between validations (loss-curve points)")
-    p.add_argument("--val-batches", type=int, default=2,
-                   help="validation batches per evaluation (and for the depth-block loss)")
+    # the candidates' short distillations and scoring: the run config's fields, names and defaults
+    add_config_args(p, "proxy_batches", "depth_block_metric", "seq_len", "batch_size", "lr", "min_lr", "eval_every",
+                    "val_batches")
     p.add_argument("--out", required=True, help="output folder (must not hold a previous search)")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -124,7 +119,7 @@ def run(args) -> int:
         block_score = BlockCloze(cloze_items(EvalDataConfig(
             data=args.data, val_fraction=args.val_fraction, seed=args.seed, hf_config=args.data_config,
             hf_split=args.data_split, text_field=args.text_field), args.cloze_items), tokenizer)
-    distill_cfg = DistillConfig(tokens=budget, batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10,
+    distill_cfg = DistillConfig(tokens=budget, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
                                 eval_every=args.eval_every, val_batches=args.val_batches, seed=args.seed,
                                 device=args.device, dtype=args.dtype, progress=False)
     start = time.perf_counter()
