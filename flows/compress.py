@@ -77,6 +77,7 @@ def _git_sha() -> str:
 @flow(name="compress", flow_run_name=run_name, persist_result=True, log_prints=True, validate_parameters=False)
 def compress(config: CompressConfig) -> dict:
     """Compress `config.teacher` to `config.target_params` by Minitron pruning + distillation."""
+    tracking.mask_run_logs()
     log = get_run_logger()
     config = run_config(config)
     plan = preflight(config)  # seconds: bad input fails here, before any model work

@@ -83,6 +83,18 @@ class SecretFilter(logging.Filter):
         return True
 
 
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # what get_run_logger() logs to (the UI's run logs)
+
+
+def mask_run_logs() -> None:
+    """Attach one SecretFilter to Prefect's run loggers, so a credential in a log line (a stage's child-process
+    output, an exception message) reaches the console and the Prefect API masked. Idempotent."""
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, SecretFilter) for f in logger.filters):
+            logger.addFilter(SecretFilter())
+
+
 # -- retries -------------------------------------------------------------------------------------------------------
 RETRY_ATTEMPTS = 4  # our attempts around one MLflow call (its HTTP layer also retries 429/5xx on its own)
 RETRY_BACKOFF = 1.0  # seconds before the 2nd attempt; doubles each time
