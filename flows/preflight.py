@@ -11,15 +11,7 @@ from pathlib import Path
 from flows.environment import store_uri, tracking_uri
 from minitron.config import CompressConfig, format_count, make_config, optimizer_steps
 from minitron.errors import UserError
-
-
-@dataclass(frozen=True)
-class Step:
-    """One pruning step: its parameter target and, for explicit shapes, the shape (and 0-indexed drop block)."""
-
-    target: int
-    shape: dict | None = None  # Shape fields; None = architecture search
-    drop: tuple[int, int] | None = None
+from minitron.steps import Step
 
 
 @dataclass(frozen=True)
@@ -45,8 +37,8 @@ def preflight(config: CompressConfig) -> Plan:
     from minitron.data import TEXT_SUFFIXES
     from minitron.families import family_of
     from minitron.models import load_config
-    from minitron.plan import drop_block, step_shapes
     from minitron.search import rows_for_run, schedule_for
+    from minitron.steps import drop_block, step_shapes
     from tasks import storage, tracking
 
     tracking.check_tracking(tracking_uri(config.tracking_uri))
@@ -66,7 +58,7 @@ def preflight(config: CompressConfig) -> Plan:
     steps = []
     for i, shape in enumerate(shapes):
         target = count_shape(model_config, shape) if shape is not None else targets[i]
-        steps.append(Step(target, asdict(shape) if shape else None, drop if shape else None))
+        steps.append(Step(target=target, shape=asdict(shape) if shape else None, drop=drop if shape else None))
     previous = teacher_params
     for step in steps:
         if step.target >= previous:
@@ -102,7 +94,8 @@ def check_gpus(config: CompressConfig, teacher_config) -> None:
     `device: cpu` runs every stage as CPU processes (gloo), and nothing is checked."""
     import torch
 
-    from minitron.plan import local_gpu, make_plan
+    from minitron.cost import local_gpu
+    from minitron.plan import make_plan
 
     if config.device == "cpu":
         return

@@ -334,7 +334,7 @@ class DistillConfig:
     """One training run (teacher correction, a candidate's short distillation, distillation): the run config's
     optimisation and runtime fields under the same names and defaults (described in CompressConfig), plus the budget
     and the knobs only the loop has. `parallel` and `activation_checkpointing` hold the stage's decision
-    (`minitron.plan.choose_parallelism`): never "auto"."""
+    (`minitron.cost.choose_parallelism`): never "auto"."""
 
     tokens: int  # training budget in tokens, all ranks together (the unit the papers use)
     batch_size: int = run_default("batch_size")  # sequences per micro-batch on each rank
@@ -365,7 +365,7 @@ class DistillConfig:
     def __post_init__(self):
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"DistillConfig.parallel must be ddp or fsdp, not {self.parallel!r}: resolve 'auto' "
-                             "with minitron.plan.choose_parallelism")
+                             "with minitron.cost.choose_parallelism")
 
     @classmethod
     def from_run_config(cls, cfg, tokens_field: str = "distill_tokens", **overrides) -> DistillConfig:

@@ -292,18 +292,18 @@ def stage_task(name: str, **options):
 def counted(spec: str, shape: dict | None = None):
     """A model spec as the planner counts it (its config at its shape, or at a pruned `shape`): no weights read."""
     from minitron.archmath import Shape, shape_of
+    from minitron.cost import ShapeCost
     from minitron.models import load_config
-    from minitron.plan import Model
 
     config = load_config(spec)
-    return Model(config, Shape(**shape) if shape else shape_of(config))
+    return ShapeCost(config, Shape(**shape) if shape else shape_of(config))
 
 
 def training_parallelism(config: CompressConfig, name: str, trained, teacher=None):
     """Stage `name`'s parallelism on this machine's GPU (`counted` models: the one trained, the frozen teacher),
-    decided by the function the dry run prints (`minitron.plan.train_parallelism`)."""
+    decided by the function the dry run prints (`minitron.cost.train_parallelism`)."""
+    from minitron.cost import local_gpu, train_parallelism
     from minitron.errors import UserError
-    from minitron.plan import local_gpu, train_parallelism
 
     chosen, _, verdict = train_parallelism(config, trained, teacher, local_gpu(config.device))
     if chosen is None:

@@ -63,8 +63,8 @@ def plan_candidates(config: CompressConfig, ctx: RunContext, teacher: dict, scor
     """The space within the budget, round 1's candidates from it (every shape, an even sample, or the best by the
     zero-shot proxy), the block each depth or mixed shape removes, and the token schedule of the rounds."""
     from minitron import plots, search
+    from minitron.cost import local_gpu
     from minitron.models import load_config
-    from minitron.plan import local_gpu
 
     params = {**stage_params(config, "tolerance", "axes", "prune_kv_groups", "max_width_pruning",
                              "max_depth_pruning", "memory_cap_gib", "search_max_candidates", "search_proxy",

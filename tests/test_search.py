@@ -82,12 +82,12 @@ def test_round_budgets_are_whole_steps_on_every_candidates_ranks():
     train their round's budget exactly; on CPU processes every candidate runs on nproc ranks."""
     from minitron.archmath import Shape, shape_of
     from minitron.config import make_config
+    from minitron.cost import GPUS, ShapeCost
     from minitron.models import load_config
-    from minitron.plan import GPUS, Model
     from minitron.search import candidate_ranks, schedule_for
 
     config = load_config("llama-3.1-8b")
-    teacher = Model(config, shape_of(config))
+    teacher = ShapeCost(config, shape_of(config))
     shapes = [Shape(32, 3072, 9216, 32, 8, 128), Shape(16, 2048, 4096, 16, 8, 128)]
     cfg = make_config({"teacher": "llama-3.1-8b", "search_tokens": "100M"})
     assert candidate_ranks(cfg, teacher, shapes, GPUS["h100-80gb"]) == 2

@@ -204,14 +204,14 @@ def fits_below(limit: dict[bool, int]):
     (8, "auto", False, {}, None),
 ])
 def test_choose_parallelism(nproc, parallel, ck, limit, expected):
-    from minitron.plan import choose_parallelism
+    from minitron.cost import choose_parallelism
 
     chosen = choose_parallelism(nproc, parallel, ck, fits_below(limit))
     assert (chosen and (chosen.describe().split(",")[0], chosen.checkpointing)) == expected
 
 
 def test_cpu_processes_follow_the_config():
-    from minitron.plan import choose_parallelism
+    from minitron.cost import choose_parallelism
 
     assert choose_parallelism(2, "auto", False, None).describe() == "DDP x2"
     assert choose_parallelism(2, "fsdp", True, None).describe() == "FSDP x2, activation checkpointing"
@@ -222,13 +222,14 @@ def test_cpu_processes_follow_the_config():
 def test_dry_run_and_run_choose_the_same_parallelism(preset, gpu, tmp_path, monkeypatch):
     """Every training stage of every paper preset: the run's decision (tasks/common.training_parallelism on the
     model folders the stages read, on a machine with that GPU) is the one the dry run prints."""
-    import minitron.plan
+    import minitron.cost
+    from minitron.cost import GPUS
     from minitron.models import load_config
-    from minitron.plan import GPUS, _at, make_plan
+    from minitron.plan import _at, make_plan
 
     config = load_config_file(CONFIGS / preset)
     plan = make_plan(config, gpu, root="/nonexistent")
-    monkeypatch.setattr(minitron.plan, "local_gpu", lambda device="auto": GPUS[gpu])
+    monkeypatch.setattr(minitron.cost, "local_gpu", lambda device="auto": GPUS[gpu])
     teacher_config = load_config(config.teacher)
 
     def folder(model) -> str:  # what a stage reads: a checkpoint folder's config.json
@@ -271,9 +272,9 @@ def test_preflight_names_the_gpus_each_stage_needs(tmp_path, monkeypatch):
 
     import torch
 
-    import minitron.plan
+    import minitron.cost
     from flows.preflight import preflight
-    from minitron.plan import GPUS
+    from minitron.cost import GPUS
 
     config = load_config_file(CONFIGS / "llama-3.1-8b-minitron-4b-width.yaml", [
         f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_store={tmp_path}/store"])
@@ -284,7 +285,7 @@ def test_preflight_names_the_gpus_each_stage_needs(tmp_path, monkeypatch):
     message = str(err.value)
     assert "\n" not in message and message.startswith("this machine has 0 GPUs but teacher correction needs 8 "
                                                       "(FSDP x8, activation checkpointing), distillation needs 8")
-    monkeypatch.setattr(minitron.plan, "local_gpu", lambda device="auto": GPUS["h100-80gb"])
+    monkeypatch.setattr(minitron.cost, "local_gpu", lambda device="auto": GPUS["h100-80gb"])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     preflight(config)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

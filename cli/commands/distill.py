@@ -59,8 +59,8 @@ def train_job(args, objective: str, model: str, teacher: str | None = None):
 
 def parallelism(args, model: str, teacher: str | None):
     """The plan's decision for this machine (`--parallel auto` sizes the stage for its GPU, as the dry run does)."""
+    from minitron.cost import local_gpu, train_parallelism
     from minitron.errors import UserError
-    from minitron.plan import local_gpu, train_parallelism
 
     gpu = local_gpu(args.device)
     trained, frozen = (None, None) if gpu is None else (_counted(model, args), teacher and _counted(teacher, args))
@@ -78,11 +78,11 @@ def parallelism(args, model: str, teacher: str | None):
 
 def _counted(spec: str, args):
     from minitron.archmath import shape_of
+    from minitron.cost import ShapeCost
     from minitron.models import load_config
-    from minitron.plan import Model
 
     config = load_config(spec, trust_remote_code=args.trust_remote_code)
-    return Model(config, shape_of(config))
+    return ShapeCost(config, shape_of(config))
 
 
 def run(args) -> int:
