@@ -28,8 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from minitron.memory import return_freed_memory
+
+    return_freed_memory()  # before any model is loaded
     args = build_parser().parse_args(argv)
     try:
+        _fetch_checkpoints(args)
         return args.func(args) or 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -37,6 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _fetch_checkpoints(args) -> None:
+    """Model specs that are s3:// checkpoint URIs become verified local copies, for every command at once."""
+    from cli.commands.common import SPEC_ARGS, local_spec
+
+    for name in SPEC_ARGS:
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, local_spec(getattr(args, name)))
 
 
 if __name__ == "__main__":

@@ -19,19 +19,38 @@ from importlib import resources
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import deployment, flow_run
+from prefect.states import Cancelled, Failed
 
-from flows.environment import store_uri, tracking_uri
+from flows.environment import (
+    artifact_location,
+    prepare_tracking,
+    quiet_user_errors,
+    state_dir,
+    store_uri,
+    tracking_uri,
+)
 from flows.preflight import preflight, run_config
 from minitron.config import CompressConfig, format_count
+from minitron.errors import UserError
 from tasks import tracking
-from tasks.common import RunContext, compute_slot, config_key, ensure_slot, run_stage, scratch_root
+from tasks.common import (
+    INTERRUPTED,
+    RunContext,
+    compute_slot,
+    config_key,
+    ensure_slot,
+    run_stage,
+    scratch_root,
+)
 from tasks.correct import correct_teacher
 from tasks.distill import distill_student
 from tasks.evaluate import evaluate_models
 from tasks.export import export_student
 from tasks.importance import score_importance
 from tasks.search import prune_to_shape, search_architecture
+from tasks.slots import visible_gpus
 from tasks.tokenize import tokenize_corpus
 
 
@@ -72,20 +91,44 @@ def _git_sha() -> str:
         return "unknown"
 
 
+INTERRUPTED_MESSAGE = ("interrupted (Ctrl-C): the finished stages and the local checkpoints are kept; run the same "
+                       "command again to resume")
+
+
 # validate_parameters=False: `config` is validated in preflight, so a bad value that reaches a run (the form's
 # "Validate parameters" unticked, an API client) fails with our one line, not Prefect's dump of pydantic errors.
 @flow(name="compress", flow_run_name=run_name, persist_result=True, log_prints=True, validate_parameters=False)
 def compress(config: CompressConfig) -> dict:
     """Compress `config.teacher` to `config.target_params` by Minitron pruning + distillation."""
+    from minitron.memory import return_freed_memory
+
+    return_freed_memory()  # a served run's process does not start from our CLI
     tracking.mask_run_logs()
+    quiet_user_errors()
+    try:
+        return _pipeline(config)
+    except UserError as err:  # bad input or a fault the user fixes: one line, as the log and the run's state message
+        get_run_logger().error("%s", err)
+        return Failed(message=str(err), data=err)
+    except KeyboardInterrupt:  # Ctrl-C: stages in other threads stop too; the slots go with their blocks
+        INTERRUPTED.set()
+        get_run_logger().warning(INTERRUPTED_MESSAGE)
+        return Cancelled(message=INTERRUPTED_MESSAGE)
+    except TerminationSignal:  # cancelled from the UI or API: Prefect records it; our other threads stop as well
+        INTERRUPTED.set()
+        raise
+
+
+def _pipeline(config: CompressConfig) -> dict:
     log = get_run_logger()
     config = run_config(config)
     plan = preflight(config)  # seconds: bad input fails here, before any model work
     uri = tracking_uri(config.tracking_uri)
+    prepare_tracking(uri)
     experiment = tracking.experiment_name(config.teacher, config.target_params)
     prefect_url = flow_run.ui_url if str(flow_run.ui_url).startswith("http") else None
     parent = tracking.start_parent_run(
-        experiment, flow_run.name or config.name, tracking_uri=uri,
+        experiment, flow_run.name or config.name, tracking_uri=uri, artifact_location=artifact_location(uri),
         params=config.model_dump(), tags={
             "prefect.flow_run_id": flow_run.id, "prefect.flow_run_url": prefect_url or "",
             "git_sha": _git_sha(), "teacher": config.teacher, "target": config.target_params})
@@ -95,9 +138,12 @@ def compress(config: CompressConfig) -> dict:
                      work_dir=str(scratch_root() / config_key(config)), slot=compute_slot(config.device),
                      slot_timeout_s=60.0 * config.queue_timeout_min,
                      stage_timeout_s=3600.0 * config.stage_timeout_hours or None,
-                     refresh=not config.resume)
+                     refresh=not config.resume, slot_dir=str(state_dir() / "slots"),
+                     inventory=visible_gpus(config.device), leases=_real_server(),
+                     run_name=flow_run.name or config.name)
     parent.log_dict(config.model_dump(mode="json"), "config.json")
-    ensure_slot(ctx.slot)
+    if ctx.leases:
+        ensure_slot(ctx.slot, ctx.inventory)
     try:
         # 0. the corpus, tokenised once into the token store that every stage reads
         run_stage(tokenize_corpus, config, ctx)
@@ -123,11 +169,18 @@ def compress(config: CompressConfig) -> dict:
                   if config.evaluate else None)
         # export: register the final student in MLflow's registry as a pointer to its verified checkpoint
         summary = export_student(config, ctx, original_teacher, pruned, student, report)
-    except BaseException:
-        parent.terminate("FAILED")
+    except BaseException as err:
+        parent.terminate("KILLED" if isinstance(err, KeyboardInterrupt | TerminationSignal) else "FAILED")
         raise
     parent.terminate("FINISHED")
     return summary
+
+
+def _real_server() -> bool:
+    """True against a Prefect server (its leases outlive us); False on the ephemeral API, which dies with us."""
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
 
 
 def _link_runs(parent: tracking.Run, uri: str, prefect_url: str | None) -> None:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from minitron.config import load_config_file
+from minitron.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 NIGHTLY_CRON = "0 2 * * *"
@@ -22,7 +23,15 @@ NIGHTLY_CRON = "0 2 * * *"
 
 def nightly_timezone() -> str:
     """`MINITRON_TIMEZONE` (IANA name, e.g. Europe/Berlin), else UTC stated explicitly."""
-    return os.environ.get("MINITRON_TIMEZONE", "UTC")
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    name = os.environ.get("MINITRON_TIMEZONE", "UTC")
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise UserError(f"MINITRON_TIMEZONE={name!r} is not an IANA timezone name: use one like Europe/Berlin or "
+                        "America/New_York, or unset it for UTC") from None
+    return name
 
 
 def schedule_label(timezone: str) -> str:

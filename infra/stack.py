@@ -327,10 +327,21 @@ def start_prefect(state: Path, host: str, port: int, creds: dict[str, str]) -> P
         "PREFECT_SERVER_API_AUTH_STRING": creds["PREFECT_SERVER_API_AUTH_STRING"],
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_API_URL": f"http://{_client_host(host)}:{port}/api",
+        **LEASE_ENV,
     }
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
     url = f"http://{_client_host(host)}:{port}"
     return spawn("prefect", cmd, _base_env(env), state, url, f"{url}/api/health")
+
+
+# Concurrency leases (the compute slot, tasks/common.py): kept on disk so a server restart does not forget who holds
+# a slot, expired ones reclaimed every 5 s, and a waiting client asks again within 5 s, so the slot of a run that
+# died comes back about a minute after its last renewal (the lease is 60 s, Prefect's minimum).
+LEASE_ENV = {
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+    "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5",
+    "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "5",
+}
 
 
 # -- the Ray head (--ray) ------------------------------------------------------------------------------------------
@@ -452,15 +463,25 @@ class Stack:
 def stack_up(state: str | Path | None = None, *, host: str = "127.0.0.1", ports: dict[str, int] | None = None,
              timeout: float = START_TIMEOUT, out=print, ray: bool = False) -> Stack:
     """Start s3 → buckets → mlflow + prefect (+ the Ray head with `ray`) in parallel, wait for health; on any
-    failure stop what started."""
+    failure stop what started. When some services of the stack in `state` still run, only the dead ones are started
+    again, on their recorded ports (so clients keep their environment); the S3 endpoint comes back empty (moto),
+    with its buckets."""
     state = state_dir(state)
     state.mkdir(parents=True, exist_ok=True)
-    running = {n: p for n, p in _load_procs(state).items() if p.alive()}
-    if running:
+    recorded = _load_procs(state)
+    running = {n: p for n, p in recorded.items() if p.alive()}
+    ray = ray or "ray" in recorded
+    wanted = [n for n in ORDER if n != "ray" or ray]
+    if running and all(n in running for n in wanted):
         raise UserError(f"the stack in {state} is already running ({', '.join(running)}): `minitron stack down` first")
     ports = {**DEFAULT_PORTS, **(RAY_PORTS if ray else {}), **(ports or {})}
+    if running:  # a partial stack: restart the dead services where they were
+        for name, proc in recorded.items():
+            ports["ray-dashboard" if name == "ray" else name] = int(proc.url.rsplit(":", 1)[1])
+            if proc.address:
+                ports["ray"] = int(proc.address.rsplit(":", 1)[1])
     for name in [*DEFAULT_PORTS, *(RAY_PORTS if ray else ())]:
-        if not _port_free(host, ports[name]):
+        if ("ray" if name.startswith("ray") else name) not in running and not _port_free(host, ports[name]):
             raise UserError(f"port {ports[name]} on {host} ({name}) is in use: stop what holds it or pick another port")
     creds, generated = load_credentials(state)
     if generated:  # shown now, whatever happens next: this is the only time they are printed
@@ -470,28 +491,31 @@ def stack_up(state: str | Path | None = None, *, host: str = "127.0.0.1", ports:
         out(f"  Prefect user {user}  password {password}")
     started: list[Proc] = []
     try:
-        s3 = start_s3(state, host, ports["s3"])
-        started.append(s3)
-        _save(state, s3)
-        wait_healthy([s3], timeout)
-        create_buckets(s3.url, creds)
-        ml = start_mlflow(state, host, ports["mlflow"], s3.url, creds)
-        started.append(ml)
-        _save(state, ml)
-        pf = start_prefect(state, host, ports["prefect"], creds)
-        started.append(pf)
-        _save(state, pf)
-        if ray:
-            head = start_ray(state, host, ports["ray"], ports["ray-dashboard"], creds["RAY_AUTH_TOKEN"])
-            started.append(head)
-            _save(state, head)
-        wait_healthy(started[1:], timeout)
+        s3 = running.get("s3")
+        if s3 is None:
+            s3 = start_s3(state, host, ports["s3"])
+            started.append(s3)
+            _save(state, s3)
+            wait_healthy([s3], timeout)
+            create_buckets(s3.url, creds)
+        later = []
+        if "mlflow" not in running:
+            later.append(start_mlflow(state, host, ports["mlflow"], s3.url, creds))
+        if "prefect" not in running:
+            later.append(start_prefect(state, host, ports["prefect"], creds))
+        if ray and "ray" not in running:
+            later.append(start_ray(state, host, ports["ray"], ports["ray-dashboard"], creds["RAY_AUTH_TOKEN"]))
+        for proc in later:
+            started.append(proc)
+            _save(state, proc)
+        wait_healthy(later, timeout)
     except BaseException:
         for proc in reversed(started):
             stop(proc)
             (_pid_dir(state) / f"{proc.name}.json").unlink(missing_ok=True)
         raise
-    procs = {p.name: p for p in started}
+    procs = {**running, **{p.name: p for p in started}}
+    procs = {n: procs[n] for n in ORDER if n in procs}
     urls = {n: p.url for n, p in procs.items()}
     urls.pop("ray", None)
     env = client_env(urls, creds)
@@ -500,6 +524,8 @@ def stack_up(state: str | Path | None = None, *, host: str = "127.0.0.1", ports:
         env.update(ray_client_env(procs["ray"], creds["RAY_AUTH_TOKEN"]))
         public.update(ray_client_env(procs["ray"]))
     (state / "client.env").write_text("".join(f"export {k}={v}\n" for k, v in public.items()))
+    if running:
+        out(f"restarted: {', '.join(p.name for p in started)} (still running: {', '.join(running)})")
     out(f"stack up in {state}")
     for name, proc in procs.items():
         out(f"  {name:8s} {proc.url}  (pid {proc.pid}, log {proc.log})")

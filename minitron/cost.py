@@ -58,6 +58,7 @@ GPUS = {g.name: g for g in (
     GPU("l40s-48gb", 46068 * 2**20, 362e12),
     GPU("rtx4090-24gb", 24564 * 2**20, 165e12),  # bf16 with fp32 accumulate, as PyTorch runs it
 )}
+REFERENCE_GPU = "h100-80gb"  # stages are sized for it where no GPU of the table is visible (the dry run's default)
 USABLE = 0.9  # of a GPU's memory the plan lets a stage use: CUDA context, NCCL buffers, allocator fragmentation
 DEFAULT_MFU = 0.40  # when no benchmark result is found; a typical figure for single-node bf16 training
 BENCH_GLOB = "bench/results/distill_throughput-*.json"

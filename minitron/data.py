@@ -143,7 +143,10 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
         with _open_text(path) as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
-                    record = json.loads(line)
+                    try:
+                        record = json.loads(line)
+                    except ValueError as err:
+                        raise UserError(f"{path}:{lineno} is not valid JSON ({err}): fix or drop that line") from None
                     if text_field not in record:
                         raise UserError(f"{path}:{lineno} has no field '{text_field}': set --text-field")
                     yield record[text_field]

@@ -98,8 +98,10 @@ class ImportanceScores:
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("minitron", "null"))
                 t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        except (OSError, RuntimeError) as err:
-            raise UserError(f"cannot read scores '{path}': {str(err).splitlines()[0][:200]}") from None
+        except Exception as err:  # OSError, or safetensors' own SafetensorError for a file that is not one
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise UserError(f"cannot read scores '{path}' ({first}): give the scores.safetensors that "
+                            "`minitron importance` wrote") from None
         if not meta or "shape" not in meta:
             raise UserError(f"'{path}' is not a minitron scores file (no metadata): run `minitron importance`")
         return cls(t["heads"], t["kv_groups"], t["neurons"], t["hidden"], t["layer_bi"], t.get("layer_loss"), meta,

@@ -92,5 +92,28 @@ def verify_file(path: str | Path, entry: dict) -> None:
         raise UserError(f"{entry['path']}: sha256 mismatch (file deleted); the checkpoint is corrupt or tampered")
 
 
+def verify_folder(folder: str | Path, *, sha256: bool = True) -> dict:
+    """Check a local checkpoint folder against its manifest.json (sizes; sha256 too unless told not to). Returns
+    the manifest; a UserError names the first bad file. Nothing is deleted: the folder may be the only copy."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise UserError(f"{folder} has no {MANIFEST_NAME}: not a complete checkpoint")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    for entry in check_manifest_paths(manifest):
+        file = safe_join(folder, entry["path"])
+        if not file.is_file():
+            raise UserError(f"{folder}: {entry['path']} is missing")
+        if file.stat().st_size != entry["size"]:
+            raise UserError(f"{folder}: {entry['path']} has {file.stat().st_size} bytes, its manifest says "
+                            f"{entry['size']}")
+        if sha256 and sha256_file(file) != entry["sha256"]:
+            raise UserError(f"{folder}: {entry['path']} does not match its sha256 in the manifest")
+    return manifest
+
+
 def dumps(manifest: dict) -> str:
     return json.dumps(manifest, indent=1, sort_keys=True) + "\n"

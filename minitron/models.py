@@ -8,18 +8,22 @@ A *spec* is one of
     `tiny-random-llama` (a tiny random Llama with a byte tokenizer, for smoke runs and tests),
   - a hub id `org/name` (works where the hub is reachable),
   - a config-only alias (`llama-3.1-8b`, `mistral-nemo-12b`, `nemotron-4-15b`): an architecture config shipped in
-    `minitron/model_configs/` without weights, for the shape-only commands (info, candidates, run --dry-run).
+    `minitron/model_configs/` without weights, for the shape-only commands (info, candidates, run --dry-run),
+  - a `file://` checkpoint URI as the tool prints it (a folder with manifest.json: verified before use; `s3://` ones
+    are fetched by the commands, which have the store layer).
 
 Loading is safe by default: safetensors only (pickled `.bin` weights run code on load) and no `trust_remote_code`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -63,7 +67,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' asked for but no CUDA GPU is visible: use --device cpu")
+        raise UserError("device 'cuda' asked for but no CUDA GPU is visible: set device to cpu or auto "
+                        "(--device cpu)")
     return device
 
 
@@ -109,6 +114,15 @@ def _classify(spec: str) -> tuple[str, str]:
     """Return (kind, location) with kind in {folder, gguf, alias, hub}; raise UserError for anything else."""
     if spec in ALIASES:
         return "alias", spec
+    if spec.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        folder = Path(unquote(urlparse(spec).path))
+        _verified_checkpoint(str(folder), _mtime(folder / "manifest.json"))
+        return "folder", str(folder)
+    if spec.startswith("s3://"):
+        raise UserError(f"'{spec}': fetch the checkpoint first (`minitron` commands and the flow do it), or give "
+                        "its local folder")
     if spec in CONFIG_ALIASES and not HUB_ID.match(spec):
         return "folder", str(SHIPPED_CONFIGS / CONFIG_ALIASES[spec])
     path = Path(spec).expanduser()
@@ -127,6 +141,21 @@ def _classify(spec: str) -> tuple[str, str]:
         return "hub", spec
     raise UserError(f"unknown model '{spec}': not a file or folder, not an alias ({', '.join(ALIASES)}), "
                     "not a hub id of the form org/name")
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+@functools.cache
+def _verified_checkpoint(folder: str, manifest_mtime: int) -> None:
+    """A file:// checkpoint is checked against its manifest (sizes and sha256) once per process and manifest."""
+    from minitron.manifest import verify_folder
+
+    verify_folder(folder)
 
 
 def hub_offline() -> bool:
@@ -235,6 +264,43 @@ def build_meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
+def check_weights(spec: str, *, allow_pickle: bool = False) -> None:
+    """The cheap checks of a model's weight files, before any is read: weights present, safetensors unless pickles
+    are allowed, and every safetensors header readable and consistent with its file's size (a truncated download
+    or a corrupt file fails here in one line, not deep inside a loader). Hub models are checked when downloaded."""
+    if is_config_only(spec):
+        raise UserError(f"'{spec}' is a config-only model: weights are needed for this command")
+    if HUB_ID.match(spec) and not Path(spec).expanduser().exists():  # its config may be shipped: no hub needed yet
+        return
+    kind, where = _materialise(spec)
+    if kind == "folder":
+        _check_safe_weights(Path(where), allow_pickle)
+        for path in sorted(Path(where).glob("*.safetensors")):
+            _check_safetensors(path, spec)
+
+
+def _check_safetensors(path: Path, spec: str) -> None:
+    """Header of a safetensors file: 8-byte length, JSON of tensors with data offsets, then exactly that data."""
+    size = path.stat().st_size
+    why = None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, 100 << 20):
+            why = "its header length is out of range"
+        else:
+            try:
+                header = json.loads(f.read(n))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                if end != size - 8 - n:
+                    why = f"its tensors need {end:,} bytes of data but the file holds {size - 8 - n:,} (truncated?)"
+            except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+                why = "its header is not valid safetensors JSON"
+    if why:
+        raise UserError(f"model '{spec}': {path.name} is not a readable safetensors file ({why}): re-download or "
+                        "re-convert the model")
+
+
 def _check_safe_weights(folder: Path, allow_pickle: bool) -> None:
     if allow_pickle or any(folder.glob("*.safetensors")):
         return
@@ -245,24 +311,28 @@ def _check_safe_weights(folder: Path, allow_pickle: bool) -> None:
     raise UserError(f"'{folder}' is a config-only model (no *.safetensors): weights are needed for this command")
 
 
+# transformers builds a model on the meta device by patching torch process-wide while from_pretrained runs: two
+# threads loading at once (the search's candidates on backend ray, which hold no slot of this machine) can leave one
+# model's tensors on meta. One load at a time per process.
+_LOADING = threading.Lock()
+
+
 def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None, *,
                allow_pickle: bool = False, trust_remote_code: bool = False):
     """Load (model, tokenizer) from a spec, in eval mode, on `device` in `dtype` (see module doc for specs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if is_config_only(spec):
-        raise UserError(f"'{spec}' is a config-only model: weights are needed for this command")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    check_weights(spec, allow_pickle=allow_pickle)
     kind, where = _materialise(spec)
-    if kind == "folder":
-        _check_safe_weights(Path(where), allow_pickle)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        # on a GPU the tensors go straight to it: no rank holds a host copy of the model on the way
-        model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
-            device_map={"": str(device)} if device.type == "cuda" else None)
+        with _LOADING:
+            tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+            # on a GPU the tensors go straight to it: no rank holds a host copy of the model on the way
+            model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
+                device_map={"": str(device)} if device.type == "cuda" else None)
     except OSError as err:
         if kind == "hub":
             raise _hub_error(spec, err) from None

@@ -21,6 +21,7 @@ from minitron.cost import (
     DEFAULT_MFU,
     GPU,
     GPUS,
+    REFERENCE_GPU,
     USABLE,
     GiB,
     Memory,
@@ -157,7 +158,7 @@ def _at(config, shape: Shape):
     return out
 
 
-def make_plan(cfg: CompressConfig, gpu: str | GPU = "h100-80gb", mfu: float | None = None, root: str | Path = ".",
+def make_plan(cfg: CompressConfig, gpu: str | GPU = REFERENCE_GPU, mfu: float | None = None, root: str | Path = ".",
               teacher_config=None, nodes: int | None = None, gpus_per_node: int = 8) -> RunPlan:
     """The plan of `cfg` on `gpu` (a name of the table or a GPU; and on `nodes` nodes of `gpus_per_node` GPUs).
     `teacher_config`: the teacher's config when the caller has read it already (preflight)."""

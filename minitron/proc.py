@@ -26,6 +26,13 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def physical_ids(indices: tuple[int, ...]) -> list[str]:
+    """What the CUDA indices of this process are on the machine: CUDA_VISIBLE_DEVICES renumbers them, and two
+    processes that see different subsets must still lock the same GPU under the same name."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return [visible[i] if i < len(visible) else str(i) for i in indices]
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return

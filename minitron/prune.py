@@ -31,6 +31,13 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
 def check_shape(config, shape: Shape, drop_layers: tuple[int, int] | None = None) -> None:
     """Raise a UserError for a shape this model cannot be pruned to."""
     full = shape_of(config)
+    if drop_layers is not None:  # first: the layer count below is derived from the block
+        a, b = drop_layers
+        if not 0 <= a <= b < full.layers:
+            raise UserError(f"drop block {a + 1}-{b + 1} is outside layers 1-{full.layers}")
+        if full.layers - (b - a + 1) != shape.layers:
+            raise UserError(f"dropping layers {a + 1}-{b + 1} leaves {full.layers - (b - a + 1)} layers, "
+                            f"not {shape.layers}")
     if shape.head_dim != full.head_dim:
         raise UserError(f"head_dim is never pruned: keep {full.head_dim}, not {shape.head_dim}")
     if shape.kv_heads < 1 or shape.heads % shape.kv_heads:
@@ -40,18 +47,11 @@ def check_shape(config, shape: Shape, drop_layers: tuple[int, int] | None = None
                         f"{full.heads_per_group} query heads, asked for {shape.kv_heads} of {shape.heads_per_group}")
     if family_of(config).hidden_per_head and shape.hidden % shape.heads:
         raise UserError(f"{config.model_type} configs need the hidden size ({shape.hidden}) to be a multiple of the "
-                        f"query heads ({shape.heads})")
+                        f"query heads ({shape.heads}): pick a hidden size divisible by {shape.heads}")
     for axis in ("layers", "hidden", "ffn"):
         value, limit = getattr(shape, axis), getattr(full, axis)
         if not 1 <= value <= limit:
             raise UserError(f"{axis} must be between 1 and the model's {limit}, not {value}")
-    if drop_layers is not None:
-        a, b = drop_layers
-        if not 0 <= a <= b < full.layers:
-            raise UserError(f"drop block {a + 1}-{b + 1} is outside layers 1-{full.layers}")
-        if full.layers - (b - a + 1) != shape.layers:
-            raise UserError(f"dropping layers {a + 1}-{b + 1} leaves {full.layers - (b - a + 1)} layers, "
-                            f"not {shape.layers}")
 
 
 def kept_layers(scores: ImportanceScores, n_layers: int, n_keep: int, drop_layers=None,

@@ -20,19 +20,26 @@ class Step:
     drop: tuple[int, int] | None = None
 
 
-def check_shape(shape: Shape, parent: Shape, where: str) -> None:
-    """A pruned shape must be a sub-shape of its parent with whole query-head groups; one-line error otherwise."""
+def check_shape(shape: Shape, parent: Shape, where: str, fields: dict[str, str] | None = None) -> None:
+    """A pruned shape must be a sub-shape of its parent with whole query-head groups; one-line error otherwise.
+    `fields` names the config field behind each part, so the message says what to change. KV groups are checked
+    before query heads: the query heads are derived from them (heads per group x groups)."""
     for name, got, full in (("layers", shape.layers, parent.layers), ("hidden", shape.hidden, parent.hidden),
-                            ("ffn", shape.ffn, parent.ffn), ("query heads", shape.heads, parent.heads),
-                            ("kv groups", shape.kv_heads, parent.kv_heads)):
+                            ("ffn", shape.ffn, parent.ffn), ("kv groups", shape.kv_heads, parent.kv_heads),
+                            ("query heads", shape.heads, parent.heads)):
         if not 1 <= got <= full:
+            fix = f": change {fields[name]}" if fields and name in fields else ""
             raise UserError(f"{where}: {name} {got} must be between 1 and the parent model's {full} (pruning "
-                            "only removes)")
+                            f"only removes){fix}")
     if shape.heads % shape.kv_heads:
         raise UserError(f"{where}: {shape.heads} query heads are not a multiple of {shape.kv_heads} KV groups "
                         "(every group keeps the same number of query heads)")
     if parent.kv_heads % shape.kv_heads:
         raise UserError(f"{where}: {shape.kv_heads} KV groups do not divide the parent's {parent.kv_heads}")
+
+
+SHAPE_FIELDS = {"layers": "target_layers", "hidden": "target_hidden", "ffn": "target_ffn",
+                "kv groups": "target_kv_groups", "query heads": "target_heads_per_group"}
 
 
 def drop_block(cfg: CompressConfig, layers: int) -> tuple[int, int] | None:
@@ -80,5 +87,5 @@ def step_shapes(cfg: CompressConfig, teacher: Shape) -> list[Shape | None]:
                         f"({layers} layers left)")
     shape = Shape(layers, cfg.target_hidden or teacher.hidden, cfg.target_ffn or teacher.ffn, per_group * kv, kv,
                   teacher.head_dim)
-    check_shape(shape, teacher, "target shape")
+    check_shape(shape, teacher, "target shape", SHAPE_FIELDS)
     return [shape]

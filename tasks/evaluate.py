@@ -1,6 +1,7 @@
 """Stage 5, evaluation: LM-Eval-Harness on the teacher, the pruned winner before distillation and the final
 student. Each lm-eval run is a `minitron evaluate` child process in its own process group (cancellation kills it;
-its memory is returned when it ends). Each model gets an MLflow child run with `eval/<task>/<metric>` metrics and
+its memory is returned when it ends); under backend ray the three run at once, as Ray tasks that each request a GPU
+on whichever node has one free (tasks/ray_train.py), with the models fetched there from the store. Each model gets an MLflow child run with `eval/<task>/<metric>` metrics and
 results.json; the comparison table (absolute and % of teacher) goes to MLflow, Prefect and the flow's summary."""
 
 from __future__ import annotations
@@ -62,6 +63,22 @@ def evaluate_args(config: CompressConfig, model: str, out: Path) -> list[str]:
     return args + (["--limit", str(config.eval_limit)] if config.eval_limit else [])
 
 
+def _evaluate_on_ray(config: CompressConfig, ctx: RunContext, models: dict[str, tuple[str, Path]]) -> None:
+    """The evaluations not done yet, as concurrent Ray tasks; each result lands where the local path puts it."""
+    from tasks.ray_cluster import connect, uses_gpus
+    from tasks.ray_train import run_commands, worker_spec
+
+    commands = {}
+    for name, (path, out) in models.items():
+        if not out.is_file():
+            args = evaluate_args(config, worker_spec(ctx, path, f"evaluate-{name}"), out)
+            commands[f"evaluate {name}"] = (args, args.index("--out") + 1)
+    done = run_commands(commands, use_gpu=uses_gpus(config, connect(config.ray_address))) if commands else {}
+    for name, (_, out) in models.items():
+        if f"evaluate {name}" in done:
+            out.write_text(json.dumps(done[f"evaluate {name}"]))
+
+
 @stage_task("evaluate")
 def evaluate_models(config: CompressConfig, ctx: RunContext, teacher: dict, pruned: dict, student: dict) -> dict:
     from prefect.artifacts import create_table_artifact
@@ -71,9 +88,12 @@ def evaluate_models(config: CompressConfig, ctx: RunContext, teacher: dict, prun
 
     params = stage_params(config, "eval_preset", "eval_limit", "data")
     results: dict[str, dict] = {}
-    with stage(ctx, "evaluate", params) as s:
+    on_ray = config.backend == "ray"  # Ray places the evaluations: the stage holds none of this machine's devices
+    with stage(ctx, "evaluate", params, devices=0 if on_ray else 1) as s:
         models = {"teacher": model_spec(ctx, teacher), "pruned": _pruned_folder(config, ctx, pruned, s.work / "pruned"),
                   "final": model_spec(ctx, student)}
+        if on_ray:
+            _evaluate_on_ray(config, ctx, {name: (path, s.work / f"{name}.json") for name, path in models.items()})
         for i, (name, path) in enumerate(models.items()):
             s.progress(100.0 * i / len(models), f"evaluate: {name} model ({i + 1} of {len(models)})")
             out = s.work / f"{name}.json"

@@ -43,9 +43,11 @@ def export_student(config: CompressConfig, ctx: RunContext, teacher: dict, prune
     from prefect.artifacts import create_markdown_artifact
 
     from minitron.report import markdown_table, shape_label, sig
+    from tasks.storage import open_store
 
     parent = tracking.Run(tracking._client(ctx.tracking_uri), ctx.parent_run_id)
     name = registered_name(config)
+    open_store(ctx.store_uri).verify(student["uri"], config.cache_check)  # never register bytes that do not verify
     version = _register(ctx, name, student)
     parent.set_tags({"final_checkpoint_uri": student["uri"], "registered_model": f"{name}/{version}"})
     parent.log_metrics({"final_params": student["params"], "final_val_kl": student["val_kl"],

@@ -84,6 +84,30 @@ def uses_gpus(config: CompressConfig, resources: dict[str, float]) -> bool:
     return config.device == "cuda" or (config.device == "auto" and resources.get("GPU", 0) > 0)
 
 
+# Ray's accelerator types (resources "accelerator_type:<type>", detected on each GPU node) → the planner's cards.
+# Ray names the 40 and 80 GB A100 alike: the smaller is assumed, so a stage never gets fewer GPUs than it needs.
+RAY_GPU_TYPES = {"H100": "h100-80gb", "H200": "h200-141gb", "A100-80G": "a100-80gb", "A100-40G": "a100-40gb",
+                 "A100": "a100-40gb", "L40S": "l40s-48gb"}
+
+
+def cluster_gpu(config: CompressConfig, resources: dict[str, float]):
+    """The GPU the planner sizes training stages for on this cluster (`minitron.plan.GPU`): its smallest card of the
+    planner's table; the reference card where Ray reports none of them; None on a CPU cluster (CPU workers)."""
+    from minitron.cost import GPUS, REFERENCE_GPU
+
+    if not uses_gpus(config, resources):
+        return None
+    cards = [GPUS[RAY_GPU_TYPES[k.split(":", 1)[1]]] for k in resources
+             if k.startswith("accelerator_type:") and k.split(":", 1)[1] in RAY_GPU_TYPES]
+    return min(cards, key=lambda g: g.memory) if cards else GPUS[REFERENCE_GPU]
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def check_capacity(config: CompressConfig, resources: dict[str, float], needs: dict[str, int], where: str) -> None:
     """One line if the cluster cannot hold the largest stage: `needs` maps a stage to the workers (GPUs, or CPUs on
     a CPU cluster) it runs on at once."""
@@ -98,8 +122,14 @@ def check_capacity(config: CompressConfig, resources: dict[str, float], needs: d
         raise UserError(f"the Ray cluster at {where} has {have} {unit}s but {stage} needs {need}: {fix}")
 
 
-def check_cluster(config: CompressConfig, needs: dict[str, int]) -> dict[str, float]:
-    """Preflight under backend ray: the cluster answers, takes our token and holds the run."""
+def check_cluster(config: CompressConfig, needs) -> dict[str, float]:
+    """Preflight under backend ray: the cluster answers, takes our token and holds the run. `needs(gpu)`: the
+    workers each training stage runs on when sized for the cluster's GPU (`cluster_gpu`; None on a CPU cluster)."""
     resources = connect(config.ray_address)
-    check_capacity(config, resources, needs, resolve_address(config.ray_address) or "local")
+    where = resolve_address(config.ray_address) or "local"
+    check_capacity(config, resources, needs(cluster_gpu(config, resources)), where)
+    if not config.token_store and (nodes := alive_nodes()) > 1:
+        raise UserError(f"the Ray cluster at {where} has {nodes} nodes, so a training job's ranks may run on "
+                        "several: set token_store to an s3:// URI or a folder every node mounts (one token store "
+                        "for all ranks)")
     return resources

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from prefect import get_run_logger, unmapped
+from prefect import get_run_logger
 
 from minitron.config import CompressConfig, format_count
 from tasks.common import (
@@ -30,6 +30,7 @@ from tasks.common import (
     stage,
     stage_params,
     stage_task,
+    submit_stage,
     training_stage,
 )
 
@@ -164,9 +165,9 @@ def search_architecture(config: CompressConfig, ctx: RunContext, teacher: dict, 
     rounds = []
     for number, rnd in enumerate(schedule.rounds, 1):
         alive = [r for r in rows if r.status == "candidate"]
-        futures = distill_candidate.with_options(**ctx.task_options).map(
-            unmapped(config), unmapped(ctx), unmapped(teacher), unmapped(scores), [r.identity() for r in alive],
-            unmapped(rnd.tokens), unmapped(number), unmapped(number == len(schedule.rounds)))
+        # submitted one by one, each through stage_options: a cached candidate is verified before it is trusted
+        futures = [submit_stage(distill_candidate, config, ctx, teacher, scores, r.identity(), rnd.tokens, number,
+                                number == len(schedule.rounds)) for r in alive]
         for row, future in zip(alive, futures, strict=True):
             future.wait()
             state = future.state

@@ -6,8 +6,12 @@ that finds a manifest finds every file it lists. Readers fetch the manifest, val
 download, stage the files inside the destination folder, verify size and sha256, and only then move them into
 place: a failed download leaves nothing behind.
 
-Both stores implement five raw operations (`_upload`, `_download`, `_write`, `_read`, `_delete`); everything else is
-shared, which is what keeps their behaviour identical.
+Both stores implement seven raw operations (`_upload`, `_download`, `_write`, `_read`, `_delete`, `_stat`, `_sha256`);
+everything else is shared, which is what keeps their behaviour identical.
+
+`verify` checks a checkpoint where it lies, before a cached stage result that points at it is trusted: the manifest
+must be there and every file must have its size, and its content must match: sha256 on a folder (local reads), the
+ETag S3 computed at upload (recorded in the manifest) on S3, or sha256 everywhere (`level="sha256"` downloads).
 """
 
 import json
@@ -65,8 +69,29 @@ class Store:
         self._delete(_join(key, mf.MANIFEST_NAME))
         for entry in manifest["files"]:
             self._upload(local_dir / entry["path"], _join(key, entry["path"]))
+            etag = self._stat(_join(key, entry["path"]))[1]
+            if etag:  # the store's own content hash: lets `verify` check content without downloading
+                entry["etag"] = etag
         self._write(_join(key, mf.MANIFEST_NAME), mf.dumps(manifest).encode())
         return self.uri(key)
+
+    def verify(self, uri_or_key: str, level: str = "auto") -> None:
+        """Check a stored checkpoint in place (see the module doc); a one-line UserError names what is wrong.
+        level: auto (sha256 on a folder, ETag on S3), sha256 (everywhere: S3 downloads every byte), size."""
+        key = self.key_of(uri_or_key)
+        where = self.uri(key)
+        for entry in self.get_manifest(key)["files"]:
+            stat = self._stat(_join(key, entry["path"]))
+            if stat is None:
+                raise UserError(f"{where}: {entry['path']} is missing")
+            size, etag = stat
+            if size != entry["size"]:
+                raise UserError(f"{where}: {entry['path']} has {size} bytes, its manifest says {entry['size']}")
+            if level == "sha256" or (level == "auto" and etag is None):
+                if self._sha256(_join(key, entry["path"])) != entry["sha256"]:
+                    raise UserError(f"{where}: {entry['path']} does not match its sha256 in the manifest")
+            elif level == "auto" and entry.get("etag") and etag != entry["etag"]:
+                raise UserError(f"{where}: {entry['path']} was changed after upload (its ETag differs)")
 
     def get_manifest(self, uri_or_key: str) -> dict:
         key = self.key_of(uri_or_key)
@@ -92,7 +117,10 @@ class Store:
                 local = mf.safe_join(stage, entry["path"])
                 local.parent.mkdir(parents=True, exist_ok=True)
                 self._download(_join(key, entry["path"]), local)
-                mf.verify_file(local, entry)
+                try:
+                    mf.verify_file(local, entry)
+                except UserError as err:
+                    raise UserError(f"checkpoint {self.uri(key)}: {err}") from None
             for entry in manifest["files"]:  # all verified: move into place
                 target = mf.safe_join(dest, entry["path"])
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +163,13 @@ class Store:
         raise NotImplementedError
 
     def _delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def _stat(self, key: str) -> tuple[int, str | None] | None:
+        """(size, ETag or None) of a stored file, None when it is missing."""
+        raise NotImplementedError
+
+    def _sha256(self, key: str) -> str:
         raise NotImplementedError
 
     def check(self) -> None:
@@ -183,6 +218,13 @@ class LocalStore(Store):
     def _delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def _stat(self, key: str) -> tuple[int, str | None] | None:
+        path = self._path(key)
+        return (path.stat().st_size, None) if path.is_file() else None
+
+    def _sha256(self, key: str) -> str:
+        return mf.sha256_file(self._path(key))
+
     def check(self) -> None:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -194,7 +236,9 @@ class LocalStore(Store):
 # -- S3 ------------------------------------------------------------------------------------------------------------
 MULTIPART_THRESHOLD = 64 << 20  # files above this are uploaded in parts ...
 MULTIPART_CHUNK = 64 << 20  # ... of this size: 10k-part limit → up to 640 GB per file
-MAX_ATTEMPTS = 8  # botocore attempts per request (standard mode: exponential backoff with jitter, ≤20 s apart)
+# botocore attempts per request (standard mode: exponential backoff with jitter, ≤20 s apart); AWS_MAX_ATTEMPTS, the
+# variable the AWS tools read, changes it
+MAX_ATTEMPTS = int(os.environ.get("AWS_MAX_ATTEMPTS", 8))
 
 
 def s3_endpoint() -> str | None:
@@ -235,6 +279,7 @@ class S3Store(Store):
             raise UserError(f"{uri}: an S3 URI needs a bucket (s3://bucket/prefix)")
         self.root = f"s3://{_join(self.bucket, self.prefix)}"
         self.endpoint_url = endpoint_url or s3_endpoint()
+        self.max_attempts = max_attempts
         self.client = s3_client(self.endpoint_url, max_attempts=max_attempts)
         self.transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize,
                                        max_concurrency=4, use_threads=True)
@@ -246,7 +291,17 @@ class S3Store(Store):
         return full
 
     def _upload(self, path: Path, key: str) -> None:
-        self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:  # botocore already retried each request (MAX_ATTEMPTS, exponential backoff): the store is down
+            self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
+        except (S3UploadFailedError, BotoCoreError, ClientError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise UserError(f"upload to {self.uri(key)} at {self.endpoint_url or 'AWS S3'} failed "
+                            f"after {self.max_attempts} attempts ({first}): bring the store back (`minitron stack up` "
+                            "restarts it) and run the same command again; the trained model stays in "
+                            f"{path.parent} and is published without retraining") from None
 
     def _download(self, key: str, path: Path) -> None:
         self.client.download_file(self.bucket, self._key(key), str(path), Config=self.transfer)
@@ -262,6 +317,25 @@ class S3Store(Store):
 
     def _delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def _stat(self, key: str) -> tuple[int, str | None] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as err:
+            if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return head["ContentLength"], head.get("ETag")
+
+    def _sha256(self, key: str) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for chunk in self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].iter_chunks(1 << 20):
+            h.update(chunk)
+        return h.hexdigest()
 
     def check(self) -> None:
         """Fail in seconds, with one line, on an unreachable endpoint, a missing bucket or bad credentials."""

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from minitron.config import CompressConfig
-from tasks.common import PROGRESS_EVERY_S, RunContext, load_run_data, stage, stage_params
+from tasks.common import PROGRESS_EVERY_S, RunContext, load_run_data, model_spec, stage, stage_params
 
 
 @task(name="tokenize", cache_policy=NO_CACHE)
@@ -38,7 +38,8 @@ def tokenize_corpus(config: CompressConfig, ctx: RunContext) -> dict:
                      f"{record['tokens']:,}", f"{record['tokens_per_s']:,.0f}", record["workers"])
 
         t0 = time.perf_counter()
-        data = load_run_data(config, load_tokenizer(config.teacher), progress=progress)
+        teacher = model_spec(ctx, {"uri": config.teacher})  # a checkpoint URI: its verified local copy
+        data = load_run_data(config, load_tokenizer(teacher), progress=progress)
         seconds = time.perf_counter() - t0
         update_progress_artifact(artifact, 100.0)
         info = data.store.summary()

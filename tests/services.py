@@ -178,7 +178,7 @@ class FlakyProxy:
 
 # -- a local Ray cluster -------------------------------------------------------------------------------------------
 RAY_TOKEN = secrets.token_hex(32)  # one per test session: Ray caches the token per process, so every cluster shares it
-RAY_CPUS = 2  # two workers' worth: two candidates, or a 2-worker Ray Train job (CPU, gloo)
+RAY_CPUS = 4  # logical CPUs: the search's two candidates as 2-worker Ray Train jobs side by side (CPU, gloo)
 
 
 @dataclass
@@ -195,10 +195,11 @@ class RayCluster:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
+def ray_cluster(s3_endpoint, tmp_path_factory):
     """A real Ray head for one test module, started by the stack's own code (`minitron stack up --ray`): token auth
-    on, RAY_CPUS CPUs, no GPU, a small object store (checkpoints never travel through it). Keep a module's Ray tests
-    together: the start costs ~10 s. This process is not connected; `ray_driver` connects it."""
+    on, RAY_CPUS CPUs, no GPU, a small object store (checkpoints never travel through it), and the S3 credentials in
+    its environment, as a real cluster's nodes hold their own. Keep a module's Ray tests together: the start costs
+    ~10 s. This process is not connected; `ray_driver` connects it."""
     state = tmp_path_factory.mktemp("ray")
     proc = stack.start_ray(state, "127.0.0.1", stack.free_port(), stack.free_port(), RAY_TOKEN, num_cpus=RAY_CPUS,
                            num_gpus=0, object_store_bytes=128 * 2**20)

@@ -156,3 +156,30 @@ def test_activation_checkpointing_gives_the_same_training(tmp_path):
         kls[ck] = distill(teacher, depth_pruned(teacher), token_data(), small_cfg(6, activation_checkpointing=ck),
                           out_dir=tmp_path / str(ck)).last_val_kl
     assert kls[True] == pytest.approx(kls[False], rel=1e-5)
+
+
+def test_tokens_per_s_is_never_negative(tmp_path):
+    """The first validation (here 16 batches, far longer than one step) ran before the training clock started and
+    was once subtracted from it: the first steps reported negative throughput."""
+    teacher = sharp_teacher()
+    records = []
+    distill(teacher, depth_pruned(teacher), token_data(n_val=64), small_cfg(3, val_batches=16),
+            out_dir=tmp_path / "out", callback=records.append)
+    rates = [r["tokens_per_s"] for r in records if "loss" in r]
+    assert len(rates) == 3 and all(r > 0 for r in rates), rates
+
+
+def test_a_finished_run_resumes_without_training(tmp_path):
+    """The last step is checkpointed, so a stage that trained to the end but failed to publish (store down) is
+    resumed as finished: no step runs again and the student comes back with the trained weights."""
+    teacher = sharp_teacher()
+    trained = depth_pruned(teacher)
+    first = distill(teacher, trained, token_data(), small_cfg(5), out_dir=tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-5.pt"]
+    again, records = depth_pruned(sharp_teacher()), []
+    second = distill(teacher, again, token_data(), small_cfg(5), out_dir=tmp_path / "out", callback=records.append,
+                     resume=True)
+    assert not [r for r in records if "loss" in r]  # nothing trained
+    assert second.last_val_kl == pytest.approx(first.last_val_kl, rel=1e-6)
+    ids = token_data().val[:2]
+    torch.testing.assert_close(again(ids).logits, trained(ids).logits)

@@ -220,6 +220,28 @@ def test_bad_input_fails_in_seconds(services, override, message):
     assert time.monotonic() - start < 30
 
 
+def test_user_error_is_the_flow_runs_state_message(services):
+    """A user error ends the flow run Failed with its one line as the state message; no traceback in its logs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.compress import compress
+
+    state = compress(tiny(name="bad-shape", target_hidden=50), return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("target shape: llama configs need the hidden size (50) to be a multiple of the "
+                                    "query heads (4)") and "\n" not in state.message
+    deadline, logs = time.monotonic() + 30, []
+    while not any(state.message in log.message for log in logs):  # logs reach the API in batches
+        assert time.monotonic() < deadline, [log.message for log in logs]
+        time.sleep(0.5)
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert not [log.message for log in logs if "Traceback" in log.message]
+    with pytest.raises(UserError, match="multiple of the query heads"):
+        state.result()
+
+
 def test_a_given_run_name_is_kept_and_a_made_up_one_replaced(monkeypatch):
     """Prefect names a run given no name with a two-word slug (schedules, `prefect deployment run`, `minitron run`):
     that one becomes "<name>: <teacher> → <target>"; a name the user typed is kept as it is."""

@@ -73,6 +73,72 @@ def test_second_up_refused(up):
         stack.stack_up(running.state, out=lambda _: None)
 
 
+def test_up_restarts_only_the_dead_service(up):
+    """The S3 endpoint dies (moto: it comes back empty): `up` starts it again on its port, with its buckets, and
+    leaves the other services running as they were."""
+    running, _ = up
+    alive = {n: running.procs[n].pid for n in ("mlflow", "prefect", "ray")}
+    s3 = running.procs["s3"]
+    os.killpg(os.getpgid(s3.pid), 9)
+    s3.popen.wait(timeout=10)
+    lines: list[str] = []
+    again = stack.stack_up(running.state, out=lines.append)
+    running.procs.update(again.procs)  # later tests stop the new process
+    assert "restarted: s3 (still running: mlflow, prefect, ray)" in lines
+    assert {n: again.procs[n].pid for n in alive} == alive
+    assert again.procs["s3"].url == s3.url and again.procs["s3"].pid != s3.pid
+    assert again.env == running.env and not again.generated
+    assert stack.http_status(again.procs["s3"].health) == 200
+
+
+def test_a_dead_holders_lease_returns_within_a_minute(up, tmp_path):
+    """Against a real Prefect server the slot is also a 60 s lease: a SIGKILLed holder stops renewing it and the
+    server takes the slot back about a minute later (the local device lock is free at once)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from tasks import slots
+    from tasks.common import ensure_slot
+
+    running, _ = up
+    env = {"PREFECT_API_URL": f"{running.procs['prefect'].url}/api",
+           "PREFECT_API_AUTH_STRING": running.env["PREFECT_API_AUTH_STRING"]}
+    settings = {PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}
+    name = "cpu:lease-test"
+    code = f"""
+import time
+from tasks.common import RunContext, hold_devices
+ctx = RunContext(parent_run_id="", tracking_uri="", store_uri="", run_key="", work_dir="", slot={name!r},
+                 slot_timeout_s=60, stage_timeout_s=None, refresh=False, slot_dir={str(tmp_path)!r}, leases=True,
+                 run_name="doomed")
+with hold_devices(ctx, "distill"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+    with temporary_settings(settings):
+        ensure_slot(name, ())
+
+        def active() -> int:
+            with get_client(sync_client=True) as client:
+                return client.read_global_concurrency_limit_by_name(name).active_slots
+
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(stack.__file__)))
+        try:
+            assert proc.stdout.readline().strip() == "held"
+            assert active() == 1
+            proc.kill()
+            proc.wait()
+            killed = time.monotonic()
+            with slots.Slots(tmp_path).hold(1, {"run": "next", "stage": "x"}, timeout_s=2):
+                pass  # the machine's lock: free at once
+            while active() and time.monotonic() - killed < 120:
+                time.sleep(1)
+            assert active() == 0 and time.monotonic() - killed < 80
+        finally:
+            proc.kill()
+
+
 def test_buckets_created(up, monkeypatch):
     running, _ = up
     from tasks.storage import check_store

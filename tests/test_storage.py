@@ -47,6 +47,34 @@ def test_round_trip_verifies_every_file(store, tmp_path):
     assert not store.exists("run1/other")
 
 
+def _overwrite(store, key: str, data: bytes) -> None:
+    """Change a stored file behind the manifest's back (what a bit flip or a careless copy does)."""
+    store._write(key, data)
+
+
+@pytest.mark.parametrize("level", ["auto", "sha256"])
+def test_verify_checks_manifest_sizes_and_content_in_place(store, tmp_path, level):
+    src = make_checkpoint(tmp_path / "src")
+    uri = store.put_folder(src, "v/ck")
+    store.verify(uri, level)  # intact
+    flipped = bytearray((src / "model.safetensors").read_bytes())
+    flipped[1000] ^= 0x01  # one bit, same size: only a content check sees it
+    _overwrite(store, "v/ck/model.safetensors", bytes(flipped))
+    with pytest.raises(UserError, match=r"v/ck: model.safetensors (does not match its sha256|was changed after "
+                                        r"upload)"):
+        store.verify(uri, level)
+    store.verify(uri, "size")  # sizes alone cannot tell
+    _overwrite(store, "v/ck/config.json", b"{}")
+    with pytest.raises(UserError, match="config.json has 2 bytes, its manifest says 19"):
+        store.verify(uri, level)
+    store._delete("v/ck/config.json")
+    with pytest.raises(UserError, match="config.json is missing"):
+        store.verify(uri, level)
+    store._delete("v/ck/manifest.json")
+    with pytest.raises(UserError, match="manifest.json missing"):
+        store.verify(uri, level)
+
+
 def test_json_results(store):
     uri = store.put_json({"val_loss": 2.5, "shape": [4, 64]}, "run1/result.json")
     assert store.get_json(uri) == {"val_loss": 2.5, "shape": [4, 64]}
@@ -170,8 +198,10 @@ def test_failed_upload_never_leaves_a_manifest(s3_env, tmp_path):
         store = proxied_store(s3_env, proxy, prefix, max_attempts=2)
         (src / "model.safetensors").write_bytes(b"new weights" * 50_000)
         proxy.fail_after(200_000, float("inf"))  # the endpoint dies for good mid-upload
-        with pytest.raises(Exception):  # noqa: B017 - botocore's connection error, whatever its class
+        with pytest.raises(UserError, match=rf"upload to s3://.*/ck/model.safetensors at {proxy.url} failed "
+                           r"after 2 attempts .*run the same command again") as err:
             store.put_folder(src, "ck")
+        assert "\n" not in str(err.value)
         assert proxy.refused >= 1  # the client did retry
         assert not manifest_present(s3_env, f"{prefix}/ck")  # the old manifest is gone, no new one was written
     finally:

@@ -45,6 +45,22 @@ def add_data_args(p: argparse.ArgumentParser, *, flag: str = "--data") -> None:
     add_config_args(p, *DATA_FIELDS)
 
 
+SPEC_ARGS = ("model", "teacher", "student")  # the commands' arguments that hold a model spec
+
+
+def local_spec(spec: str) -> str:
+    """A model spec a command can load: an `s3://` checkpoint URI (as the flow prints it) is fetched once into the
+    cache and verified against its manifest; every other spec (`file://` URIs included) is returned as given."""
+    if not spec.startswith("s3://"):
+        return spec
+    import hashlib
+
+    from minitron.models import cache_dir
+    from tasks.common import local_copy  # the store layer (boto3) only for an s3:// spec
+
+    return str(local_copy(spec, cache_dir() / "checkpoints" / hashlib.sha256(spec.encode()).hexdigest()[:8]))
+
+
 def add_space_args(p: argparse.ArgumentParser) -> None:
     """The candidate space (minitron.archmath.SearchSpace); defaults follow the student's size and the ratio."""
     p.add_argument("--tolerance", type=float, default=0.05, help="relative distance to the budget allowed")

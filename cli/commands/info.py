@@ -11,8 +11,9 @@ from cli.commands.common import add_model_args, load_model_from_args, print_json
 def register(sub) -> None:
     p = sub.add_parser("info", help="show a model's architecture and parameter count",
                        description="Show a model's architecture, exact parameter count, dtype and source.")
-    p.add_argument("model", help="model folder (config.json alone is enough), .gguf, hub id or alias (smollm2-135m, "
-                   "tiny-random-llama; config-only: llama-3.1-8b, mistral-nemo-12b, nemotron-4-15b)")
+    p.add_argument("model", help="model folder (config.json alone is enough), .gguf, hub id, alias (smollm2-135m, "
+                   "tiny-random-llama; config-only: llama-3.1-8b, mistral-nemo-12b, nemotron-4-15b) or a checkpoint "
+                   "URI the run printed (file://..., s3://...; its manifest is verified)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_model_args(p)
     p.set_defaults(func=run)

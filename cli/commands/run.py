@@ -11,7 +11,8 @@ import json
 
 
 def register(sub) -> None:
-    from minitron.cost import GPUS
+
+    from minitron.cost import GPUS, REFERENCE_GPU
 
     p = sub.add_parser("run", help="run (or --dry-run: plan) a whole compression from a config",
                        description="Run teacher correction, importance, search, distillation and evaluation as "
@@ -20,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field (repeatable), e.g. --set distill_tokens=2B")
     p.add_argument("--dry-run", action="store_true", help="print the plan: shapes, parameters, memory, GPU-hours")
-    p.add_argument("--gpu", default="h100-80gb", choices=list(GPUS), help="GPU the dry run sizes stages for")
+    p.add_argument("--gpu", default=REFERENCE_GPU, choices=list(GPUS), help="GPU the dry run sizes stages for")
     p.add_argument("--nodes", type=int, default=None, metavar="N",
                    help="dry run: also plan every stage on N nodes (backend: ray) and print their wall-hours")
     p.add_argument("--gpus-per-node", type=int, default=8, metavar="G", help="with --nodes: GPUs per node (default 8)")

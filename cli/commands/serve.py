@@ -16,10 +16,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from flows.environment import use_embedded_defaults
+    from flows.deployments import nightly_timezone
+    from flows.environment import embedded_api, use_embedded_defaults
 
+    nightly_timezone()  # a bad MINITRON_TIMEZONE: one line, before anything starts
     use_embedded_defaults()
     from flows.deployments import serve
 
-    serve(args.preset, args.nightly_preset, limit=args.limit)
+    with embedded_api():
+        serve(args.preset, args.nightly_preset, limit=args.limit)
     return 0

@@ -266,8 +266,8 @@ def setup_distributed(device_spec: str) -> tuple[int, int, torch.device, bool]:
     device = resolve_device(device_spec)
     if world == 1:
         return 0, 1, device, False
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":  # torchrun: the rank's local index; an explicit cuda:N (Ray Train's choice) stays
+        device = device if device.index is not None else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     joined = not dist.is_initialized()
     if joined:
@@ -306,19 +306,20 @@ def _wrap(objective: _Objective, cfg: DistillConfig, device: torch.device, world
 
 
 def _train(student, teacher, data: TokenData, cfg: DistillConfig, loss_cfg: KDLossConfig, *, out_dir, tokenizer,
-           callback: Callable[[dict], None] | None, resume: bool, init_weights: dict | None) -> DistillResult:
+           callback: Callable[[dict], None] | None, resume: bool, init_weights: dict | None,
+           on_checkpoint: Callable[[Path], None] | None = None) -> DistillResult:
     out_dir = Path(out_dir)
     rank, world, device, joined = setup_distributed(cfg.device)
     try:
         return _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, resume, rank, world, device,
-                    init_weights)
+                    init_weights, on_checkpoint)
     finally:
         if joined:
             dist.destroy_process_group()
 
 
 def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, resume, rank, world, device,
-         init_weights):
+         init_weights, on_checkpoint=None):
     """The loop itself, on this rank (`_train` joins and leaves the process group around it)."""
     if teacher is not None:
         check_compatible(teacher, student)
@@ -362,7 +363,11 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
     warmup = round(cfg.warmup_frac * total_steps)
 
     start_step, g, first_val = 0, 0, None
-    found = _checkpoints(out_dir) if resume else []
+    found = _checkpoints(out_dir)[-1:] if resume else []
+    if world > 1:  # rank 0's folder decides: under Ray Train the other ranks may run on nodes that do not hold it
+        names = [[p.name for p in found]]
+        dist.broadcast_object_list(names, src=0)
+        found = [out_dir / "checkpoints" / name for name in names[0]]
     if found:
         start_step, g, first_val = _load_checkpoint(found[-1], objective, optimizer, run_key, rank, world)
     train_batches = _Batches(data.train, cfg.batch_size, rank, world, cfg.seed)
@@ -391,7 +396,8 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
             line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
 
-    clock = {"start": time.perf_counter(), "paused": 0.0}  # validation and checkpoints are not training time
+    # a monotonic clock; validation and checkpoints are not training time
+    clock = {"start": time.perf_counter(), "paused": 0.0}
 
     def tokens_per_s(step: int) -> float:
         elapsed = time.perf_counter() - clock["start"] - clock["paused"]
@@ -424,7 +430,7 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
     bar = tqdm(total=total_steps, initial=start_step, unit="step", mininterval=1.0, dynamic_ncols=True,
                disable=not (cfg.progress and rank == 0))
     loss_acc, since_log = torch.zeros((), device=device), 0
-    clock["start"] = time.perf_counter()
+    clock.update(start=time.perf_counter(), paused=0.0)  # the first validation ran before the clock started
     for step in range(start_step, total_steps):
         lr = lr_at(step, total_steps, warmup, cfg.lr, cfg.min_lr)
         for group in optimizer.param_groups:
@@ -456,9 +462,12 @@ def _run(student, teacher, data, cfg, loss_cfg, out_dir, tokenizer, callback, re
         bar.update(1)
         if done % cfg.eval_every == 0 or done == total_steps:
             last_val = val_record(done)
-        if done % cfg.checkpoint_every == 0 and done < total_steps:
+        # the last step is checkpointed too: a run that trained to the end but could not publish resumes as finished
+        if done % cfg.checkpoint_every == 0 or done == total_steps:
             t0 = time.perf_counter()
             _save_checkpoint(out_dir, objective, optimizer, done, g, run_key, first_val, cfg.keep_checkpoints, rank)
+            if on_checkpoint is not None:  # every rank, once rank 0's file is complete (Ray Train reports it)
+                on_checkpoint(out_dir / "checkpoints" / f"step-{done}.pt")
             clock["paused"] += time.perf_counter() - t0
     bar.close()
 
@@ -495,23 +504,24 @@ def _save_final(out_dir: Path, objective, student, tokenizer, cfg: DistillConfig
 
 def distill(teacher, student, data: TokenData, cfg: DistillConfig, *, out_dir, tokenizer=None,
             callback: Callable[[dict], None] | None = None, resume: bool = False,
-            init_weights: dict | None = None) -> DistillResult:
+            init_weights: dict | None = None, on_checkpoint: Callable[[Path], None] | None = None) -> DistillResult:
     """Distil `teacher` into `student` (both *ForCausalLM; moved to the run's device, the student trained in
     place) for `cfg.tokens` tokens of `data.train`. Writes the student (with `tokenizer`), `checkpoints/` and
     `metrics.jsonl` to `out_dir`; `callback` receives train and validation metric dicts (rank 0 only). A student
     built on the meta device (FSDP under torchrun) gets its weights from `init_weights`: the full state dict on rank
-    0, {} on the others (see `_materialise`)."""
+    0, {} on the others (see `_materialise`). `on_checkpoint(path)` runs on every rank after each checkpoint."""
     loss_cfg = KDLossConfig(temperature=cfg.kd_temperature, top_k=cfg.kd_top_k, kd_weight=1.0,
                             ce_weight=cfg.ce_weight, chunk_tokens=cfg.chunk_tokens)
     return _train(student, teacher, data, cfg, loss_cfg, out_dir=out_dir, tokenizer=tokenizer, callback=callback,
-                  resume=resume, init_weights=init_weights)
+                  resume=resume, init_weights=init_weights, on_checkpoint=on_checkpoint)
 
 
 def correct_teacher(teacher, data: TokenData, cfg: DistillConfig, *, out_dir, tokenizer=None,
                     callback: Callable[[dict], None] | None = None, resume: bool = False,
-                    init_weights: dict | None = None) -> DistillResult:
+                    init_weights: dict | None = None,
+                    on_checkpoint: Callable[[Path], None] | None = None) -> DistillResult:
     """Teacher correction (arXiv 2408.11796): the same loop with next-token CE on the teacher itself. The
     result's `val_loss_before` / `val_loss_after` are the teacher's validation CE before and after."""
     loss_cfg = KDLossConfig(kd_weight=0.0, ce_weight=1.0, chunk_tokens=cfg.chunk_tokens)
     return _train(teacher, None, data, cfg, loss_cfg, out_dir=out_dir, tokenizer=tokenizer, callback=callback,
-                  resume=resume, init_weights=init_weights)
+                  resume=resume, init_weights=init_weights, on_checkpoint=on_checkpoint)

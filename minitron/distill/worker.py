@@ -83,14 +83,14 @@ def launch(job: TrainJob, *, devices: tuple[int, ...] = (), callback: Callable[[
         return run_job(job, callback)
     if devices and len(devices) != job.nproc:
         raise ValueError(f"{job.nproc} processes need {job.nproc} devices, got {list(devices)}")
-    from minitron.proc import run_group
+    from minitron.proc import physical_ids, run_group
 
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("progress.jsonl", "result.json", "error.json"):
         (out / name).unlink(missing_ok=True)
     (out / "job.json").write_text(job.to_json())
-    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))} if devices else {}
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(physical_ids(devices))} if devices else {}  # as the machine numbers them
     code = run_group([sys.executable, "-m", "minitron.distill.worker", str(out / "job.json")], env=env,
                      on_line=on_line, poll=_Tail(out / "progress.jsonl", callback), poll_every_s=1.0)
     if (out / "error.json").is_file():
@@ -123,10 +123,13 @@ class _Tail:
 # the ranks' side
 
 
-def run_job(job: TrainJob, callback: Callable[[dict], None] | None = None) -> dict:
-    """Run `job` on this process: all of it, or this rank's part under torchrun. Returns (and rank 0 writes to
-    result.json) the summary: the corpus tokens read, steps, tokens, where a resume started, validation before and
-    after, tokens/s, and every rank's peak host RSS in MiB once the models and data are loaded and at the end."""
+def run_job(job: TrainJob, callback: Callable[[dict], None] | None = None,
+            on_checkpoint: Callable[[Path], None] | None = None) -> dict:
+    """Run `job` on this process: all of it, or this rank's part under torchrun or Ray Train (which joined the
+    process group before). Returns (and rank 0 writes to result.json) the summary: the corpus tokens read, steps,
+    tokens, where a resume started, validation before and after, tokens/s, and every rank's peak host RSS in MiB
+    once the models and data are loaded and at the end. `on_checkpoint(path)` runs on every rank after each
+    checkpoint (rank 0 wrote it)."""
     import torch.distributed as dist
 
     from minitron.data import load_token_data
@@ -152,7 +155,7 @@ def run_job(job: TrainJob, callback: Callable[[dict], None] | None = None) -> di
         train = distill if teacher is not None else correct_teacher
         result = train(*((teacher, model) if teacher is not None else (model,)), data, job.train,
                        out_dir=job.out_dir, tokenizer=tokenizer, callback=callback, resume=job.resume,
-                       init_weights=weights)
+                       init_weights=weights, on_checkpoint=on_checkpoint)
         peaks = [(loaded, _peak_rss_mib())]
         if world > 1:
             peaks = [None] * world
