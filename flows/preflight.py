@@ -35,11 +35,10 @@ def run_config(config: CompressConfig | dict) -> CompressConfig:
 
 
 def preflight(config: CompressConfig) -> Plan:
-    from minitron.archmath import count_params, count_shape, shape_of
+    from minitron.archmath import check_shape, count_params, count_shape, shape_of
     from minitron.data import TEXT_SUFFIXES
     from minitron.families import family_of
     from minitron.models import check_weights, load_config
-    from minitron.prune import check_shape
     from minitron.search import rows_for_run, schedule_for
     from minitron.steps import drop_block, step_shapes
     from tasks import storage, tracking
@@ -63,11 +62,8 @@ def preflight(config: CompressConfig) -> Plan:
     steps = []
     for i, shape in enumerate(shapes):
         if shape is not None:  # the family's own rules (hidden size vs heads, ...) before any stage runs
-            where = "target shape" if len(shapes) == 1 else f"target_shapes step {i + 1}"
-            try:
-                check_shape(model_config, shape, drop if len(shapes) == 1 else None)
-            except UserError as err:
-                raise UserError(f"{where}: {err}") from None
+            check_shape(shape, shape_of(model_config), config=model_config, drop=drop if len(shapes) == 1 else None,
+                        where="target shape" if len(shapes) == 1 else f"target_shapes step {i + 1}")
         target = count_shape(model_config, shape) if shape is not None else targets[i]
         steps.append(Step(target=target, shape=asdict(shape) if shape else None, drop=drop if shape else None))
     previous = teacher_params

@@ -1,12 +1,12 @@
 """The pruning steps of a run config: the shape of each step (explicit, or None where the step searches), the
-dropped block of layers, and the one check that a pruned shape fits its parent. The dry-run plan and preflight both
+dropped block of layers, each checked by archmath.check_shape. The dry-run plan and preflight both
 read the steps from here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minitron.archmath import Shape
+from minitron.archmath import Shape, check_shape
 from minitron.config import CompressConfig
 from minitron.errors import UserError
 
@@ -18,24 +18,6 @@ class Step:
     target: int
     shape: dict | None = None  # Shape fields; None = architecture search
     drop: tuple[int, int] | None = None
-
-
-def check_shape(shape: Shape, parent: Shape, where: str, fields: dict[str, str] | None = None) -> None:
-    """A pruned shape must be a sub-shape of its parent with whole query-head groups; one-line error otherwise.
-    `fields` names the config field behind each part, so the message says what to change. KV groups are checked
-    before query heads: the query heads are derived from them (heads per group x groups)."""
-    for name, got, full in (("layers", shape.layers, parent.layers), ("hidden", shape.hidden, parent.hidden),
-                            ("ffn", shape.ffn, parent.ffn), ("kv groups", shape.kv_heads, parent.kv_heads),
-                            ("query heads", shape.heads, parent.heads)):
-        if not 1 <= got <= full:
-            fix = f": change {fields[name]}" if fields and name in fields else ""
-            raise UserError(f"{where}: {name} {got} must be between 1 and the parent model's {full} (pruning "
-                            f"only removes){fix}")
-    if shape.heads % shape.kv_heads:
-        raise UserError(f"{where}: {shape.heads} query heads are not a multiple of {shape.kv_heads} KV groups "
-                        "(every group keeps the same number of query heads)")
-    if parent.kv_heads % shape.kv_heads:
-        raise UserError(f"{where}: {shape.kv_heads} KV groups do not divide the parent's {parent.kv_heads}")
 
 
 SHAPE_FIELDS = {"layers": "target_layers", "hidden": "target_hidden", "ffn": "target_ffn",
@@ -70,7 +52,7 @@ def step_shapes(cfg: CompressConfig, teacher: Shape) -> list[Shape | None]:
         out, parent = [], teacher
         for i, spec in enumerate(specs, 1):
             shape = Shape.from_spec(spec, parent)
-            check_shape(shape, parent, f"target_shapes step {i} ({spec.strip()})")
+            check_shape(shape, parent, where=f"target_shapes step {i} ({spec.strip()})")
             out.append(shape)
             parent = shape
         return out
@@ -87,5 +69,5 @@ def step_shapes(cfg: CompressConfig, teacher: Shape) -> list[Shape | None]:
                         f"({layers} layers left)")
     shape = Shape(layers, cfg.target_hidden or teacher.hidden, cfg.target_ffn or teacher.ffn, per_group * kv, kv,
                   teacher.head_dim)
-    check_shape(shape, teacher, "target shape", SHAPE_FIELDS)
+    check_shape(shape, teacher, where="target shape", fields=SHAPE_FIELDS)
     return [shape]

@@ -86,7 +86,7 @@ def test_bad_shapes_and_foreign_scores():
         prune(model, s, Shape(4, 64, 128, 3, 2, 16))
     with pytest.raises(UserError, match="cannot grow attention"):
         prune(model, s, Shape(4, 64, 128, 6, 2, 16))
-    with pytest.raises(UserError, match="hidden must be between"):
+    with pytest.raises(UserError, match="hidden 96 must be between"):
         prune(model, s, Shape(4, 96, 128, 4, 2, 16))
     with pytest.raises(UserError, match="leaves 3 layers"):
         prune(model, s, Shape(2, 64, 128, 4, 2, 16), drop_layers=(1, 1))
