@@ -14,7 +14,7 @@ from prefect import get_run_logger
 
 from minitron.config import CompressConfig
 from tasks import tracking
-from tasks.common import RunContext, fetch, model_spec, stage, stage_params, stage_task
+from tasks.common import RunContext, model_spec, release_memory, stage, stage_params, stage_task
 
 
 def _run_cli(args: list[str], what: str) -> None:
@@ -31,20 +31,14 @@ def _run_cli(args: list[str], what: str) -> None:
 
 
 def _pruned_folder(config: CompressConfig, ctx: RunContext, pruned: dict, out: Path) -> str:
-    """The search winner as it was right after pruning (re-pruned from its teacher: cheaper than storing it)."""
-    if (out / "config.json").is_file():
-        return str(out)
-    shape = pruned["shape"]
-    args = ["prune", model_spec(ctx, pruned["teacher"]), "--scores", str(fetch(ctx, pruned["scores"]["uri"]) /
-            pruned["scores"]["file"]), "--hidden", str(shape["hidden"]), "--ffn", str(shape["ffn"]),
-            "--heads-per-group", str(shape["heads"] // shape["kv_heads"]), "--kv-groups", str(shape["kv_heads"]),
-            "--layer-metric", config.layer_metric, "--out", str(out)]
-    if pruned.get("drop"):
-        first, last = pruned["drop"]
-        args += ["--drop-layers", f"{first + 1}-{last + 1}"]
-    else:
-        args += ["--layers", str(shape["layers"])]
-    _run_cli(args, "pruning the winner for evaluation")
+    """The search winner as it was right after pruning (re-pruned from its teacher: cheaper than storing it), by the
+    library call the prune stage makes."""
+    from tasks.search import prune_into
+
+    if not (out / "config.json").is_file():
+        drop = tuple(pruned["drop"]) if pruned.get("drop") else None
+        prune_into(config, ctx, pruned["teacher"], pruned["scores"], pruned["shape"], drop, out)
+        release_memory()  # the teacher and the pruned copy go before lm-eval's child processes start
     return str(out)
 
 

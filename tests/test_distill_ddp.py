@@ -14,35 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_model
-from test_distill_loop import depth_pruned, one_thread, sharp_teacher  # noqa: F401  (autouse fixture)
 
 from cli.main import main
-from minitron.models import make_byte_tokenizer, save_model
+from minitron.models import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(*argv, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "cli", *map(str, argv)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root, tokenizer, teacher = tmp_path_factory.mktemp("models"), make_byte_tokenizer(), sharp_teacher()
-    return (save_model(teacher, tokenizer, root / "teacher"),
-            save_model(depth_pruned(teacher), tokenizer, root / "student"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """12 small documents of pseudo-words, once per module (shared by the runs compared below)."""
-    folder = tmp_path_factory.mktemp("corpus")
-    for d in range(12):
-        paragraphs = [" ".join(f"w{(d * 31 + p * 13 + i * 7) % 97}" for i in range(60)) for p in range(5)]
-        (folder / f"doc{d:02d}.txt").write_text("\n\n".join(paragraphs))
-    return folder
 
 
 @pytest.fixture(scope="module")

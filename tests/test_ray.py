@@ -16,23 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
-import test_distill_ddp
 import torch
+from conftest import children_of, tiny
 from services import RAY_CPUS
-from test_distill_loop import (  # noqa: F401  (autouse: one torch thread)
-    depth_pruned,
-    one_thread,
-    sharp_teacher,
-)
-from test_flow import children_of, prefect_harness, services, tiny  # noqa: F401  (fixtures)
 
 from infra import stack
 from minitron.config import load_config_file, make_config
 from minitron.errors import UserError
 from tasks.ray_cluster import check_capacity, check_cluster
 
-pytestmark = pytest.mark.services
-folders, corpus = test_distill_ddp.folders, test_distill_ddp.corpus  # fixtures: a tiny teacher and student, a corpus
+pytestmark = [pytest.mark.services, pytest.mark.usefixtures("one_thread")]
 ROOT = Path(__file__).resolve().parent.parent
 
 
