@@ -67,6 +67,7 @@ def main() -> None:
     reader.join(timeout=5)
     if proc.returncode != 0:
         sys.exit("".join(lines[-40:]) + f"\nthe demo exited with status {proc.returncode}")
+    print("".join(lines[-30:]))  # the demo's own closing summary, for the README's figures
     rows = [{"stage": name, "peak_rss_mib": round(value / 1024, 1)} for name, value in peaks.items()]
     print(f"{'stage':<24} peak RSS (MiB)")
     for row in rows:
