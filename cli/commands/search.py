@@ -34,16 +34,12 @@ def register(sub) -> None:
     add_space_args(p)
     p.add_argument("--memory-cap-gib", type=float, default=None,
                    help="only shapes whose bf16 weights + KV cache of one --seq-len sequence fit in this many GiB")
-    p.add_argument("--max-candidates", type=int, default=32,
-                   help="candidates in round 1: the whole space if smaller, else an even sample (or --proxy's best)")
     p.add_argument("--budget-tokens", required=True,
                    help="token budget of the whole search (every round and candidate), e.g. 2M")
-    p.add_argument("--eta", type=int, default=2, help="each round keeps the best 1/eta and trains them eta x longer")
-    p.add_argument("--metric", default="val_loss", choices=["val_loss", "val_kl"],
-                   help="ranking: validation LM loss or KL to the teacher")
-    p.add_argument("--proxy", action="store_true",
-                   help="zero-shot first filter: keep the --max-candidates best by the KL of the untrained pruned "
-                        "model")
+    # the search's own fields of the run config (--search-eta ...), under their shorter older spellings too
+    add_config_args(p, "search_max_candidates", "search_eta", "search_metric", "search_proxy",
+                    aliases={"search_max_candidates": "--max-candidates", "search_eta": "--eta",
+                             "search_metric": "--metric", "search_proxy": "--proxy"})
     p.add_argument("--cloze-items", type=int, default=200, help="cloze items for --depth-block-metric cloze")
     # the candidates' short distillations and scoring: the run config's fields, names and defaults
     add_config_args(p, "proxy_batches", "depth_block_metric", "seq_len", "batch_size", "lr", "min_lr", "eval_every",
@@ -80,7 +76,7 @@ def run(args) -> int:
     from minitron.search import enumerate_rows, halving_schedule
 
     # --- every check before the teacher is loaded --------------------------------------------------------------
-    for flag in ("seq_len", "batch_size", "proxy_batches", "eval_every", "val_batches", "max_candidates",
+    for flag in ("seq_len", "batch_size", "proxy_batches", "eval_every", "val_batches", "search_max_candidates",
                  "cloze_items"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -93,8 +89,8 @@ def run(args) -> int:
     cap = int(args.memory_cap_gib * 2**30) if args.memory_cap_gib else None
     rows = enumerate_rows(config, target, args.tolerance, axes=args.axes, space=space_from_args(args),
                           max_memory_bytes=cap, context=args.seq_len)
-    schedule = halving_schedule(min(len(rows), args.max_candidates), budget, args.batch_size * args.seq_len,
-                                args.eta)
+    schedule = halving_schedule(min(len(rows), args.search_max_candidates), budget, args.batch_size * args.seq_len,
+                                args.search_eta)
     print(f"{len(rows)} shapes within {args.tolerance:.0%} of {format_count(target)}; {schedule.describe()}")
     if not Path(args.scores).is_file():
         raise UserError(f"scores file '{args.scores}' does not exist: run `minitron importance` first")
@@ -123,15 +119,15 @@ def run(args) -> int:
                                 eval_every=args.eval_every, val_batches=args.val_batches, seed=args.seed,
                                 device=args.device, dtype=args.dtype, progress=False)
     start = time.perf_counter()
-    result = search(teacher, scores, data, target_params=target, budget_tokens=budget, eta=args.eta,
-                    max_candidates=args.max_candidates, metric=args.metric, proxy=args.proxy,
+    result = search(teacher, scores, data, target_params=target, budget_tokens=budget, eta=args.search_eta,
+                    max_candidates=args.search_max_candidates, metric=args.search_metric, proxy=args.search_proxy,
                     proxy_batches=args.proxy_batches, batch_size=args.batch_size, block_score=block_score,
                     block_batches=args.val_batches, seed=args.seed, short_distill=ShortDistill(distill_cfg, tokenizer),
                     on_candidate=_print_event, out_dir=out, rows=rows)
     seconds = time.perf_counter() - start
 
     # --- results -------------------------------------------------------------------------------------------------
-    metric = args.metric
+    metric = args.search_metric
     print(f"\ntarget {format_count(target)} -> {out}; round 1: {result.selection}")
     print_table([{"round": r["round"], "trained": r["trained"], "tokens_each": format_count(r["tokens_per_candidate"]),
                   "failed": r["failed"], "kept": r["kept"], "best": r["best"] or "",
