@@ -201,7 +201,7 @@ def main() -> None:
     columns = ["size", "tokens", "workers", "tokenize_s", "tokens_per_s", "tokens_per_s_per_worker",
                "vs_1core_x_workers", "main_peak_rss_mb", "worker_peak_rss_mb", "reader_peak_rss_mb", "blocks_per_s",
                "loader_tokens_per_s", "shards", "bytes"]
-    from minitron.commands.common import print_table
+    from cli.commands.common import print_table
 
     print(f"device {device} ({result['cores']} cores), load average {load_before} -> {load_after}")
     print(f"tokenizer batch encode on one core: {rate['batch_encode_1core_tokens_per_s']:,} tokens/s "

@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="config overrides, as for `minitron run`")
     args = p.parse_args()
     home = Path(tempfile.mkdtemp(prefix="demo-memory-"))
-    argv = [sys.executable, "-m", "minitron.cli", "run", "--config", str(ROOT / "configs/demo-cpu.yaml")]
+    argv = [sys.executable, "-m", "cli", "run", "--config", str(ROOT / "configs/demo-cpu.yaml")]
     argv += [x for s in args.set for x in ("--set", s)]
     proc = subprocess.Popen(argv, cwd=home, env={**os.environ, "MINITRON_HOME": str(home / "home")},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -269,10 +269,9 @@ def width_shape(config, target: int, tolerance: float = 0.01):
     """All the layers and attention heads, hidden and MLP sizes cut by about the same fraction (hidden in multiples
     of 8 and of the heads where the family needs it, the MLP in multiples of 64, or of 8 for small models) so the
     count is within `tolerance` of `target`: P2's width recipe at a given size."""
-    from minitron.archmath import count_shape, shape_of
+    from minitron.archmath import check_shape, count_shape, shape_of
     from minitron.errors import UserError
     from minitron.families import family_of
-    from minitron.prune import check_shape
 
     full = shape_of(config)
     step = math.lcm(8, full.heads) if family_of(config).hidden_per_head else 8
@@ -286,7 +285,7 @@ def width_shape(config, target: int, tolerance: float = 0.01):
             continue
         shape = replace(full, hidden=hidden, ffn=ffn)
         try:
-            check_shape(config, shape)
+            check_shape(shape, full, config=config)
         except UserError:
             continue
         if abs(count_shape(config, shape) - target) > tolerance * target:

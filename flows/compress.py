@@ -103,6 +103,7 @@ def compress(config: CompressConfig) -> dict:
     from minitron.memory import return_freed_memory
 
     return_freed_memory()  # a served run's process does not start from our CLI
+    tracking.mask_run_logs()
     quiet_user_errors()
     try:
         return _pipeline(config)
@@ -148,26 +149,26 @@ def _pipeline(config: CompressConfig) -> dict:
         run_stage(tokenize_corpus, config, ctx)
         # 1. teacher correction: a light fine-tune on the distillation corpus (its pre-training data is unknown)
         teacher = run_stage(correct_teacher, config, ctx) if config.correct_teacher else plan.teacher_ref
-        original_teacher = teacher
+        step_teacher = teacher  # what each step prunes and distils from: the teacher, then the previous student
         for step in plan.steps:  # one step for a single target; 15B → 8B → 4B for iterative schedules
             log.info("target %s (%.0f%% of the teacher)", format_count(step.target),
                      100 * step.target / plan.teacher_params)
             # 2. importance: activation statistics on the calibration set, every axis, one forward pass
-            scores = run_stage(score_importance, config, ctx, teacher)
-            # 3. architecture search: every shape under the budget distilled briefly, the best ones longer, round by round
-            if step.shape is not None:  # an explicit shape skips the search
-                winner = run_stage(prune_to_shape, config, ctx, teacher, scores, step.shape, step.drop)
+            scores = run_stage(score_importance, config, ctx, step_teacher)
+            # 3. architecture search: every shape under the budget distilled briefly, the best ones longer, round by
+            # round (its own stages: the candidates, each candidate's training, the choice); an explicit shape skips it
+            if step.shape is not None:
+                winner = run_stage(prune_to_shape, config, ctx, step_teacher, scores, step.shape, step.drop)
             else:
-                winner = search_architecture(config, ctx, teacher, scores, step.target)
-            pruned = {**winner, "teacher": teacher, "scores": scores}
-            # 4. distillation: logit KL from the teacher to the winning pruned student
-            student = run_stage(distill_student, config, ctx, teacher, winner)
-            teacher = student
+                winner = search_architecture(config, ctx, step_teacher, scores, step.target)
+            pruned = {**winner, "teacher": step_teacher, "scores": scores}
+            # 4. distillation: logit KL from the step's teacher to the winning pruned student
+            student = run_stage(distill_student, config, ctx, step_teacher, winner)
+            step_teacher = student
         # 5. evaluation: teacher vs pruned-before-distillation vs final, with lm-eval
-        report = (run_stage(evaluate_models, config, ctx, original_teacher, pruned, student)
-                  if config.evaluate else None)
+        report = run_stage(evaluate_models, config, ctx, teacher, pruned, student) if config.evaluate else None
         # export: register the final student in MLflow's registry as a pointer to its verified checkpoint
-        summary = export_student(config, ctx, original_teacher, pruned, student, report)
+        summary = run_stage(export_student, config, ctx, teacher, pruned, student, report)
     except BaseException as err:
         parent.terminate("KILLED" if isinstance(err, KeyboardInterrupt | TerminationSignal) else "FAILED")
         raise

@@ -23,7 +23,9 @@ from pathlib import Path
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("MINITRON_HOME", ".minitron")).resolve()
+    from infra.stack import minitron_home  # stdlib only: cheap before Prefect is imported
+
+    return minitron_home()
 
 
 def use_embedded_defaults() -> None:

@@ -11,17 +11,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flows.environment import store_uri, tracking_uri
-from minitron.config import CompressConfig, format_count, make_config
+from minitron.config import CompressConfig, format_count, make_config, optimizer_steps
 from minitron.errors import UserError
-
-
-@dataclass(frozen=True)
-class Step:
-    """One pruning step: its parameter target and, for explicit shapes, the shape (and 0-indexed drop block)."""
-
-    target: int
-    shape: dict | None = None  # Shape fields; None = architecture search
-    drop: tuple[int, int] | None = None
+from minitron.steps import Step
 
 
 @dataclass(frozen=True)
@@ -43,13 +35,12 @@ def run_config(config: CompressConfig | dict) -> CompressConfig:
 
 
 def preflight(config: CompressConfig) -> Plan:
-    from minitron.archmath import count_params, count_shape, shape_of
+    from minitron.archmath import check_shape, count_params, count_shape, shape_of
     from minitron.data import TEXT_SUFFIXES
     from minitron.families import family_of
     from minitron.models import check_weights, load_config
-    from minitron.plan import drop_block, step_shapes
-    from minitron.prune import check_shape
     from minitron.search import rows_for_run, schedule_for
+    from minitron.steps import drop_block, step_shapes
     from tasks import storage, tracking
 
     tracking.check_tracking(tracking_uri(config.tracking_uri))
@@ -71,13 +62,10 @@ def preflight(config: CompressConfig) -> Plan:
     steps = []
     for i, shape in enumerate(shapes):
         if shape is not None:  # the family's own rules (hidden size vs heads, ...) before any stage runs
-            where = "target shape" if len(shapes) == 1 else f"target_shapes step {i + 1}"
-            try:
-                check_shape(model_config, shape, drop if len(shapes) == 1 else None)
-            except UserError as err:
-                raise UserError(f"{where}: {err}") from None
+            check_shape(shape, shape_of(model_config), config=model_config, drop=drop if len(shapes) == 1 else None,
+                        where="target shape" if len(shapes) == 1 else f"target_shapes step {i + 1}")
         target = count_shape(model_config, shape) if shape is not None else targets[i]
-        steps.append(Step(target, asdict(shape) if shape else None, drop if shape else None))
+        steps.append(Step(target=target, shape=asdict(shape) if shape else None, drop=drop if shape else None))
     previous = teacher_params
     for step in steps:
         if step.target >= previous:
@@ -90,12 +78,10 @@ def preflight(config: CompressConfig) -> Plan:
             schedule_for(config, min(len(rows), config.search_max_candidates), ranks=config.nproc)
         previous = step.target
 
-    tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
     budgets = ("correction_tokens",) * config.correct_teacher + ("distill_tokens",)  # the search's: its schedule
     for field in budgets:  # of the stages that run
-        if config.tokens(field) < tokens_per_step:
-            raise UserError(f"{field} = {getattr(config, field)} is less than one optimizer step "
-                            f"({tokens_per_step} tokens = batch_size x grad_accum x seq_len)")
+        optimizer_steps(config.tokens(field), batch_size=config.batch_size, seq_len=config.seq_len,
+                        grad_accum=config.grad_accum, world=1, budget=f"{field} = {getattr(config, field)}")
     check_corpus(config, teacher)
     if config.backend == "ray":  # last: joining a cluster takes seconds; it must answer, take our token and fit
         from tasks.ray_cluster import check_cluster
@@ -184,8 +170,8 @@ def check_gpus(config: CompressConfig, teacher_config) -> None:
     `device: cpu` runs every stage as CPU processes (gloo), and nothing is checked."""
     import torch
 
+    from minitron.cost import REFERENCE_GPU, local_gpu
     from minitron.models import resolve_device
-    from minitron.plan import REFERENCE_GPU, local_gpu
 
     if config.device == "cpu":
         return

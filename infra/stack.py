@@ -5,7 +5,7 @@
   prefect  `prefect server start`, SQLite under PREFECT_HOME, basic auth
   ray      with --ray: `ray start --head`, token authentication on, dashboard + jobs API on the stack's host
 
-Everything lives under one state folder (default `.minitron/stack` in the cwd, or $MINITRON_HOME): logs, PID files,
+Everything lives under one state folder (default `stack/` in the home folder, `minitron_home()`): logs, PID files,
 PREFECT_HOME, the MLflow and auth databases, and `.env` with the credentials (generated on the first `up`, printed
 once, mode 0600; variables already in the environment win). The names of buckets, ports and environment variables
 are the ones docker-compose.yml uses, so a client configured for one works against the other.
@@ -55,8 +55,14 @@ SECRET_NAMES = (
 )
 
 
+def minitron_home() -> Path:
+    """The one home folder of everything minitron keeps on this machine: $MINITRON_HOME, or `.minitron` in the
+    working directory (the embedded run state in flows/environment.py, the stack's state in `stack/`)."""
+    return Path(os.environ.get("MINITRON_HOME") or ".minitron").resolve()
+
+
 def state_dir(path: str | Path | None = None) -> Path:
-    return Path(path or os.environ.get("MINITRON_HOME") or Path.cwd() / ".minitron" / "stack").resolve()
+    return Path(path).resolve() if path else minitron_home() / "stack"
 
 
 # -- credentials ---------------------------------------------------------------------------------------------------
@@ -575,7 +581,7 @@ def basic_auth_header(user_colon_password: str) -> dict[str, str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["up", "down", "status"], help="start, stop or inspect the local services")
-    parser.add_argument("--state", default=None, help="state folder (default $MINITRON_HOME or ./.minitron/stack)")
+    parser.add_argument("--state", default=None, help="state folder (default stack/ in $MINITRON_HOME, or ./.minitron/stack)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but 127.0.0.1 exposes the stack")
     for name, port in DEFAULT_PORTS.items():
         parser.add_argument(f"--{name}-port", type=int, default=port, help=f"{name} port (default {port})")

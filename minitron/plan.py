@@ -5,346 +5,48 @@ For every stage `minitron run` would execute (teacher correction → per pruning
 lm_head matrices, the papers' "non-embedding"), the tokens processed, the FLOPs and GPU-hours at a stated model-FLOPs
 utilisation, and the peak GPU memory, component by component, with whether it fits one GPU or needs FSDP across N.
 
-Memory model of a training stage (what minitron/distill keeps alive; T = tokens per micro-batch, d = hidden size,
-V = vocabulary, N = parameters):
-  - student: fp32 master weights 4N, gradients 4N, AdamW moments 8N (fused AdamW: no temporaries), bf16 autocast
-    copies of every matrix 2N (autocast caches the cast weights from forward until backward ends);
-  - activations saved for backward, per decoder layer and token (Llama-style block, SDPA with native GQA, measured
-    with saved-tensor hooks, see tests/test_plan.py):
-        bf16 autocast: 16d (both norms' fp32 input and normalised state) + 2d x (3 + n_in) (bf16 casts of the norm
-                       outputs for q/k/v and gate/up) + 4q + 4kv (q, k, v, attention output) + 4h (log-sum-exp)
-                       + 2f x (4 if gated MLP else 2)
-        fp32:          24d + 8q + 8kv + 4h + 4f x (4 if gated else 2)
-    (q = heads x head_dim, kv = kv_heads x head_dim, h = heads, f = MLP size, n_in = 2 gated / 1 plain MLP);
-  - fused lm_head + KL loss (minitron/distill/loss.py): gradients of the last hidden state (4Td) and of lm_head (4Vd)
-    are computed in forward and kept for backward; per chunk of c tokens ~K x c x V x 4 bytes of fp32 logit-sized
-    temporaries, a compute-dtype copy of lm_head and the [V, d] product of the lm_head gradient update;
-  - teacher: frozen, in the compute dtype (bf16: 2 bytes/parameter, replicated on every GPU), and its last hidden
-    state (2Td in bf16).
-  Peak = resident (weights, moments, teacher; gradients too when grad_accum > 1) + the larger of the start of
-  backward (activations + autocast copies + loss) and the end of backward (all gradients + autocast copies).
-FSDP across S GPUs shards the student's weights, gradients and moments (the engine's FSDP2 shards each decoder layer
-and the root); each GPU still holds the gathered root parameters (embeddings, lm_head) during a step, two gathered
-layers (current + prefetch), its own activations and the whole bf16 teacher.
-Forward-only stages (importance, evaluation) hold bf16 weights, one layer's transient working set and, where they
-score the LM loss, fp32 logits of one micro-batch.
-
-FLOPs per token (PaLM convention, the one MFU is quoted in): training 6 x N_matmul + 12 x layers x q x seq_len,
-forward 2 x N_matmul + 4 x layers x q x seq_len, where N_matmul excludes the embedding lookup (an untied embedding
-matrix does no matmul). GPU-hours = FLOPs / (MFU x peak bf16 dense FLOP/s) / 3600, summed over all GPUs.
+The costs themselves (memory, FLOPs, the parallelism a stage needs on a GPU) live in minitron/cost.py, the
+shapes of the pruning steps in minitron/steps.py.
 """
 
 from __future__ import annotations
 
 import copy
-import glob
-import json
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from minitron.archmath import Shape, count_shape, shape_of
-from minitron.config import CompressConfig, format_count
+from minitron.archmath import Shape, shape_of
+from minitron.config import CompressConfig, format_count, optimizer_steps
+from minitron.cost import (
+    DEFAULT_MFU,
+    GPU,
+    GPUS,
+    REFERENCE_GPU,
+    USABLE,
+    GiB,
+    Memory,
+    Parallelism,
+    ShapeCost,
+    fmt_bytes,
+    forward_flops,
+    forward_memory,
+    measured_mfu,
+    train_flops,
+    train_parallelism,
+)
 from minitron.errors import UserError
-from minitron.families import family_of
-
-GiB = 1024**3
-
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    memory: int  # bytes, as nvidia-smi reports the card's total
-    bf16_flops: float  # peak dense bf16 tensor-core FLOP/s (no sparsity)
-
-
-GPUS = {g.name: g for g in (
-    GPU("h100-80gb", 81559 * 2**20, 989e12),  # H100 SXM
-    GPU("h200-141gb", 143771 * 2**20, 989e12),
-    GPU("a100-80gb", 81920 * 2**20, 312e12),
-    GPU("a100-40gb", 40960 * 2**20, 312e12),
-    GPU("l40s-48gb", 46068 * 2**20, 362e12),
-    GPU("rtx4090-24gb", 24564 * 2**20, 165e12),  # bf16 with fp32 accumulate, as PyTorch runs it
-)}
-REFERENCE_GPU = "h100-80gb"  # stages are sized for it where no GPU of the table is visible (the dry run's default)
-USABLE = 0.9  # of a GPU's memory the plan lets a stage use: CUDA context, NCCL buffers, allocator fragmentation
-DEFAULT_MFU = 0.40  # when no benchmark result is found; a typical figure for single-node bf16 training
-BENCH_GLOB = "bench/results/distill_throughput-*.json"
-FSDP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-DEFAULT_CHUNK = 4096  # tokens per chunk of the fused loss, if the distill engine is not importable
-LOSS_TEMPS = 8  # fp32 [chunk, vocab] blocks alive at once inside the fused loss (measured in tests/test_plan.py)
-
-
-def _chunk_tokens() -> int:
-    try:
-        from minitron.distill.loss import KDLossConfig
-    except ImportError:
-        return DEFAULT_CHUNK
-    return KDLossConfig().chunk_tokens
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# a model as the planner sees it: a config at a shape
-
-
-@dataclass(frozen=True)
-class Model:
-    """A model of `config`'s family and vocabulary at `shape`: counted, never built (a pruned shape need not even
-    be a valid transformers config, e.g. SmolLM2 at a hidden size that 9 heads do not divide)."""
-
-    config: object  # the teacher's transformers PretrainedConfig: family, vocabulary, tying, biases
-    shape: Shape
-
-    @property
-    def gated(self) -> bool:
-        return family_of(self.config).gated_mlp
-
-    @property
-    def vocab(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def tied(self) -> bool:
-        return bool(getattr(self.config, "tie_word_embeddings", False))
-
-    @property
-    def params(self) -> int:
-        return count_shape(self.config, self.shape)
-
-    @property
-    def embedding_params(self) -> int:
-        """Embedding and lm_head matrices (once when tied)."""
-        return self.vocab * self.shape.hidden * (1 if self.tied else 2)
-
-    @property
-    def non_embedding(self) -> int:
-        return self.params - self.embedding_params
-
-    @property
-    def matmul_params(self) -> int:
-        """Parameters that take part in a matmul per token: all but an untied input embedding."""
-        return self.params - (0 if self.tied else self.vocab * self.shape.hidden)
-
-    @property
-    def layer_params(self) -> int:
-        """One decoder layer (layers are homogeneous)."""
-        s = self.shape
-        return (self.params - self.embedding_params - self._final_norm()) // s.layers
-
-    def _final_norm(self) -> int:
-        return self.shape.hidden * (2 if family_of(self.config).norm_bias else 1)
-
-    @property
-    def root_params(self) -> int:
-        """What FSDP's root unit holds: embeddings, lm_head and the final norm."""
-        return self.embedding_params + self._final_norm()
-
-    @property
-    def cast_params(self) -> int:
-        """Matrices autocast keeps a bf16 copy of: every linear layer, lm_head included (the fused loss casts it)."""
-        s = self.shape
-        norms = s.layers * 2 * s.hidden * (2 if family_of(self.config).norm_bias else 1)
-        return self.layer_params * s.layers - norms + self.vocab * s.hidden
-
-    def describe(self) -> str:
-        s = self.shape
-        return f"L{s.layers}-H{s.hidden}-F{s.ffn}-A{s.heads}-KV{s.kv_heads}"
-
-
-def layer_activation_bytes(m: Model, autocast: bool) -> int:
-    """Bytes one decoder layer saves for backward, per token (see the module doc)."""
-    s = m.shape
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    mlp_tensors = 4 if m.gated else 2  # gated: gate, up, act(gate), act*up; plain: up, act(up)
-    if autocast:
-        n_in = 2 if m.gated else 1
-        return 16 * s.hidden + 2 * s.hidden * (3 + n_in) + 4 * q + 4 * kv + 4 * s.heads + 2 * s.ffn * mlp_tensors
-    return 24 * s.hidden + 8 * q + 8 * kv + 4 * s.heads + 4 * s.ffn * mlp_tensors
-
-
-def forward_working_bytes(m: Model, elem: int) -> int:
-    """Transient bytes per token of one layer's forward without autograd: residual, norm temporaries, q/k/v/out and
-    the MLP intermediates (the largest layer's working set; earlier layers' tensors are already freed)."""
-    s = m.shape
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    return elem * (2 * s.hidden + 2 * q + 2 * kv) + 8 * s.hidden + elem * s.ffn * (3 if m.gated else 2)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# memory of the stage kinds
-
-
-@dataclass
-class Memory:
-    parts: dict[str, int]  # component → bytes per GPU
-    peak: int  # bytes per GPU
-    shards: int = 1  # FSDP world size the parts were computed for
-
-    def breakdown(self) -> str:
-        return ", ".join(f"{k} {_bytes(v)}" for k, v in self.parts.items() if v)
-
-
-def _bytes(n: float) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def training_memory(student: Model, teacher: Model | None, tokens: int, *, grad_accum: int = 1,
-                    autocast: bool = True, chunk: int | None = None, shards: int = 1,
-                    checkpointing: bool = False) -> Memory:
-    """Peak bytes per GPU of one optimizer step of distillation (teacher given) or LM training (teacher None) with
-    `tokens` tokens per micro-batch, the student sharded over `shards` GPUs (FSDP)."""
-    chunk = min(chunk or _chunk_tokens(), tokens)
-    s, n = student.shape, student.params
-    d, v = s.hidden, student.vocab
-    act_elem = 2 if autocast else 4
-    per_layer = layer_activation_bytes(student, autocast)
-    if checkpointing:  # keep each layer's fp32 input; recompute one layer at a time in backward
-        acts = tokens * (s.layers * 4 * d + per_layer)
-    else:
-        acts = tokens * s.layers * per_layer
-    acts += tokens * 8 * d  # final norm: fp32 input and normalised state
-    casts = 2 * student.cast_params if autocast else 0
-    # fused loss: d(hidden) and d(lm_head) live from forward to backward; transient peak is the larger of the
-    # forward's chunk temporaries (+ lm_head cast, + the [V, d] gradient-update product) and backward's scaled copies
-    kept = 4 * tokens * d + 4 * v * d
-    fwd_tmp = LOSS_TEMPS * 4 * chunk * v + (act_elem * v * d if autocast else 0) + (act_elem + 4) * v * d
-    bwd_tmp = 4 * tokens * d + 4 * v * d
-    loss = kept + max(fwd_tmp, bwd_tmp)
-    parts = {
-        "teacher": act_elem * teacher.params if teacher else 0,  # cast to the compute dtype
-        "weights": 4 * n // shards,
-        "adamw": 8 * n // shards,
-        "grads": 4 * n // shards,
-        "fsdp-gathered": 4 * (student.root_params + 2 * student.layer_params) if shards > 1 else 0,
-        "autocast": casts,
-        "activations": acts,
-        "loss": loss,
-        "teacher-hidden": act_elem * tokens * teacher.shape.hidden if teacher else 0,
-    }
-    resident = parts["teacher"] + parts["weights"] + parts["adamw"] + parts["fsdp-gathered"] + \
-        parts["teacher-hidden"]
-    if grad_accum > 1:  # gradients accumulate across micro-batches, so they are alive during every backward
-        peak = resident + parts["grads"] + casts + acts + loss
-    else:  # gradients appear as activations are freed: the peak is at either end of backward
-        peak = resident + casts + max(acts + loss, parts["grads"] + 4 * v * d)
-    return Memory(parts, peak, shards)
-
-
-def forward_memory(m: Model, tokens: int, *, logits: bool) -> Memory:
-    """Peak bytes of a bf16 forward without gradients over `tokens` tokens (importance scoring, evaluation)."""
-    parts = {"weights": 2 * m.params, "working-set": tokens * forward_working_bytes(m, 2),
-             "logits": tokens * m.vocab * (2 + 4 + 4) if logits else 0}  # bf16 logits, fp32 log-softmax, grad-free
-    return Memory(parts, sum(parts.values()))
-
-
-def train_flops(m: Model, tokens: int, seq_len: int) -> float:
-    s = m.shape
-    return tokens * (6 * m.matmul_params + 12 * s.layers * s.heads * s.head_dim * seq_len)
-
-
-def forward_flops(m: Model, tokens: int, seq_len: int) -> float:
-    s = m.shape
-    return tokens * (2 * m.matmul_params + 4 * s.layers * s.heads * s.head_dim * seq_len)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# shapes of the pruning steps
-
-
-def parse_shape(spec: str, parent: Shape) -> Shape:
-    """'L32-H3072-F9216-A24-KV8' (parts optional, parent's value otherwise) → Shape with the parent's head_dim."""
-    values = {"L": parent.layers, "H": parent.hidden, "F": parent.ffn, "A": parent.heads, "KV": parent.kv_heads}
-    for part in spec.strip().split("-"):
-        key, num = re.fullmatch(r"(KV|L|H|F|A)(\d+)", part).groups()
-        values[key] = int(num)
-    return Shape(values["L"], values["H"], values["F"], values["A"], values["KV"], parent.head_dim)
-
-
-def check_shape(shape: Shape, parent: Shape, where: str, fields: dict[str, str] | None = None) -> None:
-    """A pruned shape must be a sub-shape of its parent with whole query-head groups; one-line error otherwise.
-    `fields` names the config field behind each part, so the message says what to change. KV groups are checked
-    before query heads: the query heads are derived from them (heads per group x groups)."""
-    for name, got, full in (("layers", shape.layers, parent.layers), ("hidden", shape.hidden, parent.hidden),
-                            ("ffn", shape.ffn, parent.ffn), ("kv groups", shape.kv_heads, parent.kv_heads),
-                            ("query heads", shape.heads, parent.heads)):
-        if not 1 <= got <= full:
-            fix = f": change {fields[name]}" if fields and name in fields else ""
-            raise UserError(f"{where}: {name} {got} must be between 1 and the parent model's {full} (pruning "
-                            f"only removes){fix}")
-    if shape.heads % shape.kv_heads:
-        raise UserError(f"{where}: {shape.heads} query heads are not a multiple of {shape.kv_heads} KV groups "
-                        "(every group keeps the same number of query heads)")
-    if parent.kv_heads % shape.kv_heads:
-        raise UserError(f"{where}: {shape.kv_heads} KV groups do not divide the parent's {parent.kv_heads}")
-
-
-SHAPE_FIELDS = {"layers": "target_layers", "hidden": "target_hidden", "ffn": "target_ffn",
-                "kv groups": "target_kv_groups", "query heads": "target_heads_per_group"}
-
-
-def drop_block(cfg: CompressConfig, layers: int) -> tuple[int, int] | None:
-    """`drop_layers` 'A-B' (1-indexed, inclusive) → 0-indexed inclusive (a, b), checked against `layers`."""
-    if cfg.drop_layers is None:
-        return None
-    a, b = (int(x) for x in cfg.drop_layers.split("-"))
-    if not 1 <= a <= b <= layers:
-        raise UserError(f"drop_layers {cfg.drop_layers} must lie within layers 1-{layers} with start ≤ end")
-    if b - a + 1 >= layers:
-        raise UserError(f"drop_layers {cfg.drop_layers} would remove every layer")
-    return a - 1, b - 1
-
-
-def step_shapes(cfg: CompressConfig, teacher: Shape) -> list[Shape | None]:
-    """The explicit target shape of every pruning step, None where the step searches. Iterative pruning has one
-    entry per `target_shapes` item or `target_params` item."""
-    targets = cfg.target_params.split(",")
-    if cfg.target_shapes is not None:
-        specs = cfg.target_shapes.split(",")
-        if len(targets) > 1 and len(targets) != len(specs):
-            raise UserError(f"target_shapes has {len(specs)} steps but target_params has {len(targets)}: give "
-                            "one target per step or a single one")
-        single = [f for f in ("target_layers", "target_hidden", "target_ffn", "target_heads_per_group",
-                              "target_kv_groups", "drop_layers") if getattr(cfg, f) is not None]
-        if single:
-            raise UserError(f"{single[0]} and target_shapes both set: use target_shapes alone")
-        out, parent = [], teacher
-        for i, spec in enumerate(specs, 1):
-            shape = parse_shape(spec, parent)
-            check_shape(shape, parent, f"target_shapes step {i} ({spec.strip()})")
-            out.append(shape)
-            parent = shape
-        return out
-    if not cfg.explicit_shape():
-        return [None] * len(targets)
-    if len(targets) > 1:
-        raise UserError("target_layers/target_hidden/... describe one step: use target_shapes for iterative pruning")
-    kv = cfg.target_kv_groups or teacher.kv_heads
-    per_group = cfg.target_heads_per_group or teacher.heads_per_group
-    block = drop_block(cfg, teacher.layers)
-    layers = teacher.layers - (block[1] - block[0] + 1) if block else cfg.target_layers or teacher.layers
-    if block and cfg.target_layers is not None and cfg.target_layers != layers:
-        raise UserError(f"target_layers {cfg.target_layers} disagrees with drop_layers {cfg.drop_layers} "
-                        f"({layers} layers left)")
-    shape = Shape(layers, cfg.target_hidden or teacher.hidden, cfg.target_ffn or teacher.ffn, per_group * kv, kv,
-                  teacher.head_dim)
-    check_shape(shape, teacher, "target shape", SHAPE_FIELDS)
-    return [shape]
-
+from minitron.steps import drop_block, step_shapes
 
 # ----------------------------------------------------------------------------------------------------------------
 # the plan
 
 
 @dataclass
-class Stage:
+class PlanStage:
     name: str
     kind: str  # "train" | "forward" | "search" | "skip"
-    model_in: Model
-    model_out: Model
+    model_in: ShapeCost
+    model_out: ShapeCost
     tokens: int | None  # tokens processed (None: not known before the run, e.g. lm-eval)
     flops: float | None
     memory: Memory | None
@@ -357,20 +59,20 @@ class Stage:
 
 
 @dataclass
-class Plan:
+class RunPlan:
     name: str
-    teacher: Model
+    teacher: ShapeCost
     gpu: GPU
     mfu: float
     mfu_source: str
-    stages: list[Stage] = field(default_factory=list)
+    stages: list[PlanStage] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     nodes: int | None = None  # --nodes: also plan every stage on this many nodes (backend: ray)
     gpus_per_node: int = 8
     max_data_parallel: int = 1  # GPUs one training job can split its global batch over (one micro-batch each)
 
     @property
-    def student(self) -> Model:
+    def student(self) -> ShapeCost:
         return self.stages[-1].model_out if self.stages else self.teacher
 
     @property
@@ -399,7 +101,7 @@ class Plan:
         }
 
 
-def on_nodes(plan: Plan, st: Stage) -> tuple[int, float | None]:
+def on_nodes(plan: RunPlan, st: PlanStage) -> tuple[int, float | None]:
     """(GPUs, wall-hours) of a stage on plan.nodes nodes (backend: ray). A training job runs data-parallel over every
     GPU it can use: all of them, up to one micro-batch per GPU of the config's global batch, and never fewer than
     the stage needs; the search's candidates run side by side, each on at least the GPUs one needs, in waves when
@@ -418,7 +120,7 @@ def on_nodes(plan: Plan, st: Stage) -> tuple[int, float | None]:
     return side_by_side * per_job, waves * st.gpu_hours / st.jobs / per_job
 
 
-def nodes_summary(plan: Plan) -> list[str]:
+def nodes_summary(plan: RunPlan) -> list[str]:
     """The --nodes lines under the table: total wall-hours there, and training stages whose global batch does not
     split evenly over the GPUs they would use."""
     total = plan.nodes * plan.gpus_per_node
@@ -439,125 +141,11 @@ def nodes_summary(plan: Plan) -> list[str]:
     return lines
 
 
-def measured_mfu(root: str | Path = ".") -> tuple[float, str] | None:
-    """The MFU our own distillation benchmark measured (bench/results/distill_throughput-<device>.json: a top-level
-    "mfu", or the best "mfu" among its "rows"), newest file first."""
-    files = sorted(glob.glob(str(Path(root) / BENCH_GLOB)), key=lambda p: Path(p).stat().st_mtime, reverse=True)
-    for path in files:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
-            continue
-        values = [data.get("mfu")] + [r.get("mfu") for r in data.get("rows", []) if isinstance(r, dict)]
-        values = [float(x) for x in values if isinstance(x, int | float) and 0 < x <= 1]
-        if values:
-            return max(values), f"measured by our benchmark ({path})"
-    return None
-
-
-def _fit(make, gpu: GPU, checkpointing: bool = False) -> tuple[Memory, int | None, str]:
-    """Smallest FSDP world size whose per-GPU peak fits `gpu` (None: none does); `make(shards, checkpointing)`
-    → Memory."""
-    usable = USABLE * gpu.memory
-    for shards in FSDP_SIZES:
-        mem = make(shards, checkpointing)
-        if mem.peak <= usable:
-            verdict = "fits 1 GPU" if shards == 1 else f"FSDP x{shards}"
-            return mem, shards, f"{verdict} ({_bytes(mem.peak)} of {_bytes(usable)})"
-    mem = make(FSDP_SIZES[-1], checkpointing)
-    fixed = mem.parts["activations"] + mem.parts["loss"] + mem.parts["autocast"] + mem.parts["teacher"]
-    hint = "lower batch_size (raise grad_accum) or seq_len"
-    for shards in FSDP_SIZES if not checkpointing else ():
-        if make(shards, True).peak <= usable:
-            hint += f"; activation_checkpointing: true would fit FSDP x{shards}"
-            break
-    return make(1, checkpointing), None, (f"does not fit: {fixed / GiB:.0f} GiB per GPU cannot be sharded "
-                                          f"(activations, loss, teacher): {hint}")
-
-
-@dataclass(frozen=True)
-class Parallelism:
-    """How a training stage uses its GPUs: the decision the dry run prints and the run executes."""
-
-    gpus: int  # processes (GPUs); 1 runs in the caller's process
-    parallel: str  # "ddp" (replicate the trained model) | "fsdp" (shard it), with more than one process
-    checkpointing: bool  # activation checkpointing of the trained model
-
-    def describe(self) -> str:
-        how = "1 process" if self.gpus == 1 else f"{self.parallel.upper()} x{self.gpus}"
-        return how + (", activation checkpointing" if self.checkpointing else "")
-
-
-def choose_parallelism(nproc: int, parallel: str, checkpointing: bool,
-                       fits: Callable[[int, bool], bool] | None) -> Parallelism | None:
-    """A training stage's parallelism from the run's `nproc`, `parallel` and `activation_checkpointing`.
-    `fits(shards, checkpointing)` says whether the per-GPU peak fits with the trained model sharded over `shards`
-    GPUs; None where no GPU memory applies (CPU processes). None back: nothing fits.
-
-    - ddp: nproc replicas; the stage must fit one GPU.
-    - fsdp: sharded over max(nproc, the fewest GPUs it fits on).
-    - auto: DDP x nproc when the stage fits one GPU, else FSDP as above. With activation_checkpointing off, auto
-      turns it on when that keeps the stage within nproc GPUs where it would not fit them without, or when nothing
-      fits without it (then it takes the fewer GPUs)."""
-    if fits is None:
-        return Parallelism(nproc, "ddp" if parallel == "auto" else parallel, checkpointing)
-    if parallel == "ddp":
-        return Parallelism(nproc, "ddp", checkpointing) if fits(1, checkpointing) else None
-    options = (checkpointing,) if checkpointing or parallel == "fsdp" else (False, True)
-    found = [(ck, shards) for ck in options
-             for shards in [next((n for n in FSDP_SIZES if fits(n, ck)), None)] if shards is not None]
-    if not found:
-        return None
-    within = [(ck, shards) for ck, shards in found if shards <= nproc]
-    ck, shards = within[0] if within else min(found, key=lambda f: (f[1], f[0]))
-    return Parallelism(max(nproc, shards), "fsdp" if parallel == "fsdp" or shards > 1 else "ddp", ck)
-
-
-def train_parallelism(cfg, student: Model, teacher: Model | None, gpu: GPU | None
-                      ) -> tuple[Parallelism | None, Memory | None, str]:
-    """(decision, per-GPU memory at it, verdict) of a training stage that trains `student` (against `teacher`, or
-    alone for teacher correction) on `gpu` (None: CPU processes). `cfg` holds the run's fields (a CompressConfig, or
-    the CLI's arguments of the same names). The dry run and every training task of the run call this."""
-    def make(shards: int, checkpointing: bool) -> Memory:
-        return training_memory(student, teacher, cfg.batch_size * cfg.seq_len, grad_accum=cfg.grad_accum,
-                               shards=shards, checkpointing=checkpointing)
-
-    if gpu is None:
-        chosen = choose_parallelism(cfg.nproc, cfg.parallel, cfg.activation_checkpointing, None)
-        return chosen, None, f"{chosen.describe()} on the CPU"
-    usable = USABLE * gpu.memory
-    chosen = choose_parallelism(cfg.nproc, cfg.parallel, cfg.activation_checkpointing,
-                                lambda shards, ck: make(shards, ck).peak <= usable)
-    if chosen is None:
-        mem, shards, fit = _fit(make, gpu, cfg.activation_checkpointing)
-        if shards is not None:  # only parallel: ddp keeps it from fitting
-            fit = (f"does not fit one GPU under parallel: ddp ({_bytes(make(1, cfg.activation_checkpointing).peak)} "
-                   f"of {_bytes(usable)}): parallel: fsdp or auto shards it (FSDP x{shards})")
-        return None, mem, fit
-    mem = make(chosen.gpus if chosen.parallel == "fsdp" else 1, chosen.checkpointing)
-    return chosen, mem, f"{chosen.describe()} ({_bytes(mem.peak)} of {_bytes(usable)} per GPU)"
-
-
-def local_gpu(device: str = "auto") -> GPU | None:
-    """The GPU this machine's stages run on, as the planner sees it; None where they run on the CPU. A card of the
-    table is its entry, so the run sizes stages exactly as `--dry-run --gpu <that card>` does."""
-    import torch
-
-    if device == "cpu" or not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(0)
-    name = props.name.lower().replace(" ", "")
-    for known in GPUS.values():
-        if known.name.split("-")[0] in name and abs(props.total_memory - known.memory) < 0.1 * known.memory:
-            return known
-    return GPU(props.name, props.total_memory, 0.0)
-
-
 def _fit_forward(mem: Memory, gpu: GPU) -> str:
     usable = USABLE * gpu.memory
     if mem.peak <= usable:
-        return f"fits 1 GPU ({_bytes(mem.peak)} of {_bytes(usable)})"
-    return f"does not fit 1 GPU ({_bytes(mem.peak)}): shard the model or lower batch_size"
+        return f"fits 1 GPU ({fmt_bytes(mem.peak)} of {fmt_bytes(usable)})"
+    return f"does not fit 1 GPU ({fmt_bytes(mem.peak)}): shard the model or lower batch_size"
 
 
 def _at(config, shape: Shape):
@@ -571,9 +159,9 @@ def _at(config, shape: Shape):
 
 
 def make_plan(cfg: CompressConfig, gpu: str | GPU = REFERENCE_GPU, mfu: float | None = None, root: str | Path = ".",
-              teacher_config=None, nodes: int | None = None, gpus_per_node: int = 8) -> Plan:
+              teacher_config=None, nodes: int | None = None, gpus_per_node: int = 8) -> RunPlan:
     """The plan of `cfg` on `gpu` (a name of the table or a GPU; and on `nodes` nodes of `gpus_per_node` GPUs).
-    `teacher_config` skips reading the teacher's config (tests)."""
+    `teacher_config`: the teacher's config when the caller has read it already (preflight)."""
     from minitron.models import load_config
 
     if isinstance(gpu, str) and gpu not in GPUS:
@@ -587,7 +175,7 @@ def make_plan(cfg: CompressConfig, gpu: str | GPU = REFERENCE_GPU, mfu: float | 
         found = measured_mfu(root)
         mfu, source = found if found else (DEFAULT_MFU, "default: no bench/results/distill_throughput-*.json")
     config = teacher_config or load_config(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    teacher = Model(config, shape_of(config))
+    teacher = ShapeCost(config, shape_of(config))
     shapes = step_shapes(cfg, teacher.shape)
     targets = cfg.targets(teacher.params)
     if len(targets) == 1 and len(shapes) > 1:
@@ -595,24 +183,23 @@ def make_plan(cfg: CompressConfig, gpu: str | GPU = REFERENCE_GPU, mfu: float | 
     for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
         if value is not None and value < 1:
             raise UserError(f"{name} {value} must be at least 1")
-    plan = Plan(cfg.name, teacher, g, mfu, source, nodes=nodes, gpus_per_node=gpus_per_node,
-                max_data_parallel=cfg.grad_accum * cfg.nproc)
+    plan = RunPlan(name=cfg.name, teacher=teacher, gpu=g, mfu=mfu, mfu_source=source, nodes=nodes,
+                   gpus_per_node=gpus_per_node, max_data_parallel=cfg.grad_accum * cfg.nproc)
     seq = cfg.seq_len
     micro = cfg.batch_size * seq
 
     def hours(flops: float) -> float:
         return flops / (mfu * g.bf16_flops) / 3600
 
-    def train_stage(name: str, student: Model, teacher_m: Model | None, tokens: int, parent: Model,
-                    note: str = "") -> Stage:
+    def train_stage(name: str, student: ShapeCost, teacher_m: ShapeCost | None, tokens: int, parent: ShapeCost,
+                    note: str = "") -> PlanStage:
         chosen, mem, fit = train_parallelism(cfg, student, teacher_m, g)
         flops = train_flops(student, tokens, seq) + (forward_flops(teacher_m, tokens, seq) if teacher_m else 0)
         gpus = chosen.gpus if chosen else 0
-        per_step = micro * cfg.grad_accum * max(gpus, cfg.nproc)
-        if tokens < per_step:
-            raise UserError(f"{name}: budget of {tokens:,} tokens is below one optimizer step ({per_step:,} "
-                            "tokens = batch_size x seq_len x grad_accum x GPUs)")
-        return Stage(name, "train", parent, student, tokens, flops, mem, fit, gpus, hours(flops), note, chosen)
+        optimizer_steps(tokens, batch_size=cfg.batch_size, seq_len=seq, grad_accum=cfg.grad_accum,
+                        world=max(gpus, cfg.nproc), budget=f"{name}: budget")
+        return PlanStage(name=name, kind="train", model_in=parent, model_out=student, tokens=tokens, flops=flops,
+                         memory=mem, fit=fit, gpus=gpus, gpu_hours=hours(flops), note=note, parallelism=chosen)
 
     if cfg.correct_teacher:
         tokens = cfg.tokens("correction_tokens")
@@ -625,10 +212,11 @@ def make_plan(cfg: CompressConfig, gpu: str | GPU = REFERENCE_GPU, mfu: float | 
         imp_tokens = calib + (parent.shape.layers * cfg.val_batches * micro if cfg.axes != "width" else 0)
         mem = forward_memory(parent, cfg.batch_size * (cfg.calib_seq_len or seq), logits=cfg.axes != "width")
         flops = forward_flops(parent, imp_tokens, seq)
-        plan.stages.append(Stage(f"2 {step}importance", "forward", parent, parent, imp_tokens, flops, mem,
-                                 _fit_forward(mem, g), 1, hours(flops),
-                                 f"{cfg.calib_samples} calibration sequences"
-                                 + (" + layer ranking (one pass per skipped layer)" if cfg.axes != "width" else "")))
+        plan.stages.append(PlanStage(
+            name=f"2 {step}importance", kind="forward", model_in=parent, model_out=parent, tokens=imp_tokens,
+            flops=flops, memory=mem, fit=_fit_forward(mem, g), gpu_hours=hours(flops),
+            note=f"{cfg.calib_samples} calibration sequences"
+                 + (" + layer ranking (one pass per skipped layer)" if cfg.axes != "width" else "")))
         if shape is None:
             from minitron.search import candidate_ranks, rows_for_run, sample_rows, schedule_for
 
@@ -637,24 +225,19 @@ def make_plan(cfg: CompressConfig, gpu: str | GPU = REFERENCE_GPU, mfu: float | 
             selection = (f"the best {min(space, cfg.search_max_candidates)} of {space} by zero-shot proxy KL"
                          if cfg.search_proxy else sample_rows(rows, cfg.search_max_candidates))
             entering = [r for r in rows if r.status == "candidate"] if not cfg.search_proxy else rows
-            best = Model(config, rows[0].shape)  # shown: the first in the search's order, until the search decides
-            big = Model(config, max(entering, key=lambda r: r.params).shape)  # costs are bounded by the biggest
+            best = ShapeCost(config, rows[0].shape)  # shown: the first in the search's order, until the search decides
+            big = ShapeCost(config, max(entering, key=lambda r: r.params).shape)  # costs are bounded by the biggest
             schedule = schedule_for(cfg, min(space, cfg.search_max_candidates),  # whole steps on every candidate's
                                     ranks=candidate_ranks(cfg, parent, [r.shape for r in entering], g))  # ranks
-            st = train_stage(f"3 {step}search", big, parent, schedule.rounds[0].tokens, parent)
+            # one candidate of round 1 (the biggest) sizes the GPUs; the stage's totals are the whole schedule's
+            one = train_stage(f"3 {step}search", big, parent, schedule.rounds[0].tokens, parent)
             proxy = space * cfg.proxy_batches * micro if cfg.search_proxy else 0
             lengths = {parent.shape.layers - r.shape.layers for r in entering if r.kind != "width"}
             sweep = sum(parent.shape.layers - k + 1 for k in lengths) * cfg.val_batches * micro
-            st.tokens = schedule.total + proxy + sweep
-            st.flops = sum(r.candidates * (train_flops(big, r.tokens, seq) + forward_flops(parent, r.tokens, seq))
-                           for r in schedule.rounds) + forward_flops(parent, proxy + sweep, seq)
-            st.gpu_hours = hours(st.flops)
-            st.model_out = best
-            # side by side on several nodes: round 1's candidates; later rounds hold fewer, longer trainings that
-            # cost about as much in all, so a round parallelises about like the first (whole GPUs per job)
-            st.jobs = schedule.rounds[0].candidates
+            flops = sum(r.candidates * (train_flops(big, r.tokens, seq) + forward_flops(parent, r.tokens, seq))
+                        for r in schedule.rounds) + forward_flops(parent, proxy + sweep, seq)
             last = schedule.rounds[-1]
-            st.note = (f"{space} candidates within {cfg.tolerance:.0%} of {format_count(target)}; round 1: "
+            note = (f"{space} candidates within {cfg.tolerance:.0%} of {format_count(target)}; round 1: "
                        f"{selection}; "
                        f"{schedule.describe()} (search_tokens = {cfg.search_tokens}; the rest rounds down to "
                        f"whole steps); the last round trains {format_count(last.tokens)} tokens per candidate "
@@ -662,14 +245,17 @@ def make_plan(cfg: CompressConfig, gpu: str | GPU = REFERENCE_GPU, mfu: float | 
                        + (f"; proxy KL on {space} shapes" if proxy else "")
                        + (f"; depth blocks: {sum(parent.shape.layers - k + 1 for k in lengths)} window positions"
                           if lengths else "") + "; shown: the first candidate in the search's order")
-            plan.stages.append(st)
+            # side by side on several nodes: round 1's candidates; later rounds hold fewer, longer trainings that
+            # cost about as much in all, so a round parallelises about like the first (whole GPUs per job)
+            plan.stages.append(replace(one, model_out=best, tokens=schedule.total + proxy + sweep, flops=flops,
+                                       gpu_hours=hours(flops), note=note, jobs=schedule.rounds[0].candidates))
             student = best
         else:
             block = drop_block(cfg, parent.shape.layers) if cfg.target_shapes is None else None
-            student = Model(config, shape)
-            plan.stages.append(Stage(f"3 {step}prune", "skip", parent, student, None, None, None, "", 1, None,
-                                     "explicit shape: no search" + (f", drop layers {cfg.drop_layers}" if block
-                                                                    else "")))
+            student = ShapeCost(config, shape)
+            plan.stages.append(PlanStage(
+                name=f"3 {step}prune", kind="skip", model_in=parent, model_out=student, tokens=None, flops=None,
+                memory=None, note="explicit shape: no search" + (f", drop layers {cfg.drop_layers}" if block else "")))
             if target is not None and abs(student.params - target) > cfg.tolerance * target:
                 plan.notes.append(f"step {i}: explicit shape has {format_count(student.params)} parameters, "
                                   f"{(student.params - target) / target:+.1%} from target_params "
@@ -684,9 +270,10 @@ def make_plan(cfg: CompressConfig, gpu: str | GPU = REFERENCE_GPU, mfu: float | 
         parent = student
     if cfg.evaluate:
         mem = forward_memory(teacher, micro, logits=True)
-        plan.stages.append(Stage("5 evaluation", "forward", teacher, parent, None, None, mem, _fit_forward(mem, g),
-                                 1, None, f"lm-eval preset '{cfg.eval_preset}' on teacher, pruned and final "
-                                          "students; tokens depend on the tasks"))
+        plan.stages.append(PlanStage(
+            name="5 evaluation", kind="forward", model_in=teacher, model_out=parent, tokens=None, flops=None,
+            memory=mem, fit=_fit_forward(mem, g),
+            note=f"lm-eval preset '{cfg.eval_preset}' on teacher, pruned and final students; tokens depend on the tasks"))
     return plan
 
 
@@ -700,7 +287,7 @@ def _hours(h: float | None) -> str:
     return f"{h:,.0f}" if h >= 100 else f"{h:.3g}"
 
 
-def format_plan(plan: Plan) -> str:
+def format_plan(plan: RunPlan) -> str:
     t, s = plan.teacher, plan.student
     lines = [
         f"plan '{plan.name}' on {plan.gpu.name} ({plan.gpu.memory / GiB:.0f} GiB, {plan.gpu.bf16_flops / 1e12:.0f} "
@@ -717,7 +304,7 @@ def format_plan(plan: Plan) -> str:
              "params out": format_count(st.model_out.params),
              "non-emb": format_count(st.model_out.non_embedding),
              "tokens": format_count(st.tokens) if st.tokens else "-",
-             "peak/GPU": _bytes(st.memory.peak) if st.memory else "-",
+             "peak/GPU": fmt_bytes(st.memory.peak) if st.memory else "-",
              "GPUs": (str(st.gpus) if st.gpus else "no fit") if st.memory else "-",
              "GPU-h": _hours(st.gpu_hours),
              "wall-h": _hours(st.gpu_hours / st.gpus) if st.gpu_hours and st.gpus else "-"} for st in plan.stages]

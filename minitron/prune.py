@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from minitron.archmath import Shape, config_for_shape, shape_of
+from minitron.archmath import Shape, check_shape, config_for_shape, shape_of
 from minitron.errors import UserError
 from minitron.families import FAMILIES, LAYER_NORMS, family_of
 from minitron.importance import ImportanceScores
@@ -26,32 +26,6 @@ from minitron.importance import ImportanceScores
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores, most important first (stable: ties keep index order)."""
     return torch.sort(scores, descending=True, stable=True).indices[:k]
-
-
-def check_shape(config, shape: Shape, drop_layers: tuple[int, int] | None = None) -> None:
-    """Raise a UserError for a shape this model cannot be pruned to."""
-    full = shape_of(config)
-    if drop_layers is not None:  # first: the layer count below is derived from the block
-        a, b = drop_layers
-        if not 0 <= a <= b < full.layers:
-            raise UserError(f"drop block {a + 1}-{b + 1} is outside layers 1-{full.layers}")
-        if full.layers - (b - a + 1) != shape.layers:
-            raise UserError(f"dropping layers {a + 1}-{b + 1} leaves {full.layers - (b - a + 1)} layers, "
-                            f"not {shape.layers}")
-    if shape.head_dim != full.head_dim:
-        raise UserError(f"head_dim is never pruned: keep {full.head_dim}, not {shape.head_dim}")
-    if shape.kv_heads < 1 or shape.heads % shape.kv_heads:
-        raise UserError(f"query heads ({shape.heads}) must be a multiple of the KV groups ({shape.kv_heads})")
-    if shape.kv_heads > full.kv_heads or shape.heads_per_group > full.heads_per_group:
-        raise UserError(f"cannot grow attention: the model has {full.kv_heads} KV groups of "
-                        f"{full.heads_per_group} query heads, asked for {shape.kv_heads} of {shape.heads_per_group}")
-    if family_of(config).hidden_per_head and shape.hidden % shape.heads:
-        raise UserError(f"{config.model_type} configs need the hidden size ({shape.hidden}) to be a multiple of the "
-                        f"query heads ({shape.heads}): pick a hidden size divisible by {shape.heads}")
-    for axis in ("layers", "hidden", "ffn"):
-        value, limit = getattr(shape, axis), getattr(full, axis)
-        if not 1 <= value <= limit:
-            raise UserError(f"{axis} must be between 1 and the model's {limit}, not {value}")
 
 
 def kept_layers(scores: ImportanceScores, n_layers: int, n_keep: int, drop_layers=None,
@@ -128,7 +102,7 @@ def prune(model, scores: ImportanceScores, shape: Shape, *, drop_layers: tuple[i
     config = model.config
     fam = family_of(config)
     scores.check_matches(config)
-    check_shape(config, shape, drop_layers)
+    check_shape(shape, shape_of(config), config=config, drop=drop_layers)
     check_options(config, scores, rescale_norms=rescale_norms, compensate_mlp=compensate_mlp)
     full = shape_of(config)
     layers = kept_layers(scores, full.layers, shape.layers, drop_layers, layer_metric)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from minitron.archmath import shape_spec
 from minitron.config import format_count
 
 WINNER = "★ winner"  # the candidate table's mark, in the table artifact and the summary alike
@@ -30,8 +31,7 @@ def shape_label(shape: dict, drop: list | tuple | None = None) -> str:
     """A candidate shape as the config's `target_shapes` writes it, e.g. "L24-H576-F1536-A9-KV3" (layers, hidden,
     MLP, query heads, KV groups), plus the dropped block ("drop 16-31", 1-indexed) for depth-block candidates: copy
     it into `target_shapes` to prune to exactly this shape."""
-    label = f"L{shape['layers']}-H{shape['hidden']}-F{shape['ffn']}-A{shape['heads']}-KV{shape['kv_heads']}"
-    return label + (f" drop {drop[0] + 1}-{drop[1] + 1}" if drop else "")
+    return shape_spec(shape) + (f" drop {drop[0] + 1}-{drop[1] + 1}" if drop else "")
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from minitron.archmath import shape_spec
 from minitron.errors import UserError
 
 Event = dict  # {"event": ..., **CandidateRow.to_dict(), ...}
@@ -79,9 +80,8 @@ class CandidateRow:
 
     @property
     def name(self) -> str:
-        s = self.shape
         block = f"-drop{self.drop[0]}_{self.drop[1]}" if self.drop else ""
-        return f"c{self.index:03d}-L{s.layers}-h{s.hidden}-f{s.ffn}-q{s.heads}-kv{s.kv_heads}{block}"
+        return f"c{self.index:03d}-{shape_spec(vars(self.shape))}{block}"
 
     def score(self, metric: str, number: int | None = None) -> float | None:
         """The row's `metric` after round `number` (default: the last round it finished)."""
@@ -186,12 +186,12 @@ def schedule_for(config, candidates: int, ranks: int = 1) -> HalvingSchedule:
 def candidate_ranks(config, teacher, shapes, gpu) -> int:
     """The world size `schedule_for` counts steps at: the least common multiple of the ranks each candidate of
     `shapes` trains on, by the decision the dry run prints and each candidate's stage takes
-    (`minitron.plan.train_parallelism` against the frozen `teacher`, a `minitron.plan.Model`, on `gpu`; None: CPU
+    (`minitron.cost.train_parallelism` against the frozen `teacher`, a `minitron.cost.ShapeCost`, on `gpu`; None: CPU
     processes). So every round's budget is whole optimizer steps for every candidate. A shape that fits no GPU
     counts as nproc: its own stage refuses it (the dry run's check has already refused the biggest)."""
-    from minitron.plan import Model, train_parallelism
+    from minitron.cost import ShapeCost, train_parallelism
 
-    worlds = [train_parallelism(config, Model(teacher.config, shape), teacher, gpu)[0] for shape in shapes]
+    worlds = [train_parallelism(config, ShapeCost(teacher.config, shape), teacher, gpu)[0] for shape in shapes]
     return math.lcm(config.nproc, *(w.gpus for w in worlds if w is not None))
 
 

@@ -475,19 +475,19 @@ def release_memory() -> None:
 def counted(spec: str, shape: dict | None = None):
     """A model spec as the planner counts it (its config at its shape, or at a pruned `shape`): no weights read."""
     from minitron.archmath import Shape, shape_of
+    from minitron.cost import ShapeCost
     from minitron.models import load_config
-    from minitron.plan import Model
 
     config = load_config(spec)
-    return Model(config, Shape(**shape) if shape else shape_of(config))
+    return ShapeCost(config, Shape(**shape) if shape else shape_of(config))
 
 
 def training_parallelism(config: CompressConfig, name: str, trained, teacher=None, cluster: dict | None = None):
     """Stage `name`'s parallelism on this machine's GPU, or on the GPUs of the Ray cluster whose `cluster` resources
     are given (`counted` models: the one trained, the frozen teacher), decided by the function the dry run prints
-    (`minitron.plan.train_parallelism`)."""
+    (`minitron.cost.train_parallelism`)."""
+    from minitron.cost import local_gpu, train_parallelism
     from minitron.errors import UserError
-    from minitron.plan import local_gpu, train_parallelism
     from tasks.ray_cluster import cluster_gpu
 
     gpu = cluster_gpu(config, cluster) if cluster is not None else local_gpu(config.device)

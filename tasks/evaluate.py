@@ -14,7 +14,7 @@ from prefect import get_run_logger
 
 from minitron.config import CompressConfig
 from tasks import tracking
-from tasks.common import RunContext, fetch, model_spec, stage, stage_params, stage_task
+from tasks.common import RunContext, model_spec, release_memory, stage, stage_params, stage_task
 
 
 def _run_cli(args: list[str], what: str) -> None:
@@ -23,7 +23,7 @@ def _run_cli(args: list[str], what: str) -> None:
 
     log = get_run_logger()
     tail: list[str] = []
-    code = run_group([sys.executable, "-m", "minitron.cli", *args],
+    code = run_group([sys.executable, "-m", "cli", *args],
                      on_line=lambda line: (tail.append(line), tail.__delitem__(slice(0, -20))))
     if code != 0:
         log.error("%s failed:\n%s", what, "\n".join(tail))
@@ -31,30 +31,24 @@ def _run_cli(args: list[str], what: str) -> None:
 
 
 def _pruned_folder(config: CompressConfig, ctx: RunContext, pruned: dict, out: Path) -> str:
-    """The search winner as it was right after pruning (re-pruned from its teacher: cheaper than storing it)."""
-    if (out / "config.json").is_file():
-        return str(out)
-    shape = pruned["shape"]
-    args = ["prune", model_spec(ctx, pruned["teacher"]), "--scores", str(fetch(ctx, pruned["scores"]["uri"]) /
-            pruned["scores"]["file"]), "--hidden", str(shape["hidden"]), "--ffn", str(shape["ffn"]),
-            "--heads-per-group", str(shape["heads"] // shape["kv_heads"]), "--kv-groups", str(shape["kv_heads"]),
-            "--layer-metric", config.layer_metric, "--out", str(out)]
-    if pruned.get("drop"):
-        first, last = pruned["drop"]
-        args += ["--drop-layers", f"{first + 1}-{last + 1}"]
-    else:
-        args += ["--layers", str(shape["layers"])]
-    _run_cli(args, "pruning the winner for evaluation")
+    """The search winner as it was right after pruning (re-pruned from its teacher: cheaper than storing it), by the
+    library call the prune stage makes."""
+    from tasks.search import prune_into
+
+    if not (out / "config.json").is_file():
+        drop = tuple(pruned["drop"]) if pruned.get("drop") else None
+        prune_into(config, ctx, pruned["teacher"], pruned["scores"], pruned["shape"], drop, out)
+        release_memory()  # the teacher and the pruned copy go before lm-eval's child processes start
     return str(out)
 
 
 def evaluate_args(config: CompressConfig, model: str, out: Path) -> list[str]:
     """`minitron evaluate` of `model` on the run's corpus split and runtime: its data and model options are run-config
-    fields under the same names (minitron/commands/common.py), so each is passed as the config holds it."""
-    from minitron.commands.common import DATA_ARGS, MODEL_ARGS
+    fields under the same names (minitron.config.DATA_FIELDS, MODEL_FIELDS), so each is passed as the config holds it."""
+    from minitron.config import DATA_FIELDS, MODEL_FIELDS
 
     args = ["evaluate", model, "--preset", config.eval_preset, "--data", config.data, "--out", str(out)]
-    for name in (*DATA_ARGS, *MODEL_ARGS):
+    for name in (*DATA_FIELDS, *MODEL_FIELDS):
         value, flag = getattr(config, name), f"--{name.replace('_', '-')}"
         if isinstance(value, bool):
             args.append(flag if value else f"--no-{flag[2:]}")

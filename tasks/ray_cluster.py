@@ -93,7 +93,7 @@ RAY_GPU_TYPES = {"H100": "h100-80gb", "H200": "h200-141gb", "A100-80G": "a100-80
 def cluster_gpu(config: CompressConfig, resources: dict[str, float]):
     """The GPU the planner sizes training stages for on this cluster (`minitron.plan.GPU`): its smallest card of the
     planner's table; the reference card where Ray reports none of them; None on a CPU cluster (CPU workers)."""
-    from minitron.plan import GPUS, REFERENCE_GPU
+    from minitron.cost import GPUS, REFERENCE_GPU
 
     if not uses_gpus(config, resources):
         return None

@@ -348,7 +348,7 @@ def _command_task(argv: list[str], out_at: int) -> dict:
     tail: list[str] = []
     with tempfile.TemporaryDirectory(dir=node_dir("commands")) as work:
         argv[out_at] = str(Path(work) / "out.json")
-        code = run_group([sys.executable, "-m", "minitron.cli", *argv],
+        code = run_group([sys.executable, "-m", "cli", *argv],
                          on_line=lambda line: (tail.append(line), tail.__delitem__(slice(0, -20))))
         if code != 0:
             raise RuntimeError(f"`minitron {argv[0]}` exited with status {code}: {tail[-1] if tail else ''}")

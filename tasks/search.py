@@ -64,8 +64,8 @@ def plan_candidates(config: CompressConfig, ctx: RunContext, teacher: dict, scor
     """The space within the budget, round 1's candidates from it (every shape, an even sample, or the best by the
     zero-shot proxy), the block each depth or mixed shape removes, and the token schedule of the rounds."""
     from minitron import plots, search
+    from minitron.cost import local_gpu
     from minitron.models import load_config
-    from minitron.plan import local_gpu
 
     params = {**stage_params(config, "tolerance", "axes", "prune_kv_groups", "max_width_pruning",
                              "max_depth_pruning", "memory_cap_gib", "search_max_candidates", "search_proxy",
@@ -289,16 +289,23 @@ def summary_section(result, charts: dict[str, Path]) -> str:
 def prune_to_shape(config: CompressConfig, ctx: RunContext, teacher: dict, scores: dict, shape: dict,
                    drop: tuple[int, int] | None) -> dict:
     """An explicit target shape (target_* fields, drop_layers, target_shapes): prune to it, no search."""
+    with stage(ctx, "prune", {**{f"shape_{k}": v for k, v in shape.items()}, "drop": drop}) as s:
+        params = prune_into(config, ctx, teacher, scores, shape, drop, s.work / "model")
+        s.run.log_metrics({"params": params})
+        return {"uri": s.publish(s.work / "model"), "params": params, "shape": shape,
+                "drop": list(drop) if drop else None, "name": "explicit", "kendall_tau": None, "table": []}
+
+
+def prune_into(config: CompressConfig, ctx: RunContext, teacher: dict, scores: dict, shape: dict,
+               drop: tuple[int, int] | None, out: Path) -> int:
+    """`teacher` pruned to `shape` with its importance `scores` (the block `drop` removed, or the layers ranked by
+    `layer_metric`), saved as a model folder in `out`; returns the pruned parameter count."""
     from minitron.archmath import Shape, count_shape
     from minitron.models import save_model
     from minitron.prune import prune
 
-    with stage(ctx, "prune", {**{f"shape_{k}": v for k, v in shape.items()}, "drop": drop}) as s:
-        model, tokenizer = load_run_model(config, teacher, ctx)
-        student = prune(model, _load_scores(ctx, scores), Shape(**shape), drop_layers=drop,
-                        layer_metric=config.layer_metric)
-        save_model(student, tokenizer, s.work / "model")
-        params = count_shape(model.config, Shape(**shape))
-        s.run.log_metrics({"params": params})
-        return {"uri": s.publish(s.work / "model"), "params": params, "shape": shape,
-                "drop": list(drop) if drop else None, "name": "explicit", "kendall_tau": None, "table": []}
+    model, tokenizer = load_run_model(config, teacher, ctx)
+    student = prune(model, _load_scores(ctx, scores), Shape(**shape), drop_layers=drop,
+                    layer_metric=config.layer_metric)
+    save_model(student, tokenizer, out)
+    return count_shape(model.config, Shape(**shape))

@@ -25,8 +25,6 @@ from urllib.parse import unquote, urlparse
 from minitron import manifest as mf
 from minitron.errors import UserError
 
-_MISSING = object()  # get_json default: raise when the object is missing
-
 
 def _check_key(key: str) -> str:
     """A store key is a relative posix path without `.`/`..` parts; '' is the store root."""
@@ -133,21 +131,6 @@ class Store:
     def exists(self, uri_or_key: str) -> bool:
         """True when a complete checkpoint (its manifest) is at that key."""
         return self._read(_join(self.key_of(uri_or_key), mf.MANIFEST_NAME)) is not None
-
-    # -- small results -----------------------------------------------------------------------------------------
-    def put_json(self, obj, key: str) -> str:
-        key = _check_key(key)
-        self._write(key, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-        return self.uri(key)
-
-    def get_json(self, uri_or_key: str, default=_MISSING):
-        key = self.key_of(uri_or_key)
-        raw = self._read(key)
-        if raw is None:
-            if default is _MISSING:
-                raise UserError(f"{self.uri(key)} does not exist")
-            return default
-        return json.loads(raw)
 
     # -- raw operations ----------------------------------------------------------------------------------------
     def _upload(self, path: Path, key: str) -> None:

@@ -6,31 +6,28 @@ process-global state (and in MLFLOW_RUN_ID for subprocesses), which breaks as so
 threads or a stage starts torchrun. A child run is a run tagged `mlflow.parentRunId`, which is all the UI needs.
 """
 
-import base64
 import json
 import logging
 import os
 import re
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
+from infra.stack import SECRET_NAMES, basic_auth_header, bearer_header, http_status
 from minitron.errors import UserError
 
 # -- secret hygiene ------------------------------------------------------------------------------------------------
 MASK = "***"
 # Environment variables whose values must never appear in anything we log. Any variable whose name matches
 # SECRET_NAME is masked as well, so a new token variable is covered without editing this list.
+# The stack's credentials (infra/stack.py, the one list of them; usernames are not secret) and the other clients'.
 SECRET_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
-    "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING",
-    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "POSTGRES_PASSWORD",
+    *(name for name in SECRET_NAMES if not name.endswith("_USERNAME")),
+    "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN", "PREFECT_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
 )
 # Whole name parts only: "hf_token" is a secret, "distill_tokens" and "tokenizer" are not.
 SECRET_NAME = re.compile(
@@ -86,6 +83,18 @@ class SecretFilter(logging.Filter):
         return True
 
 
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # what get_run_logger() logs to (the UI's run logs)
+
+
+def mask_run_logs() -> None:
+    """Attach one SecretFilter to Prefect's run loggers, so a credential in a log line (a stage's child-process
+    output, an exception message) reaches the console and the Prefect API masked. Idempotent."""
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, SecretFilter) for f in logger.filters):
+            logger.addFilter(SecretFilter())
+
+
 # -- retries -------------------------------------------------------------------------------------------------------
 RETRY_ATTEMPTS = 4  # our attempts around one MLflow call (its HTTP layer also retries 429/5xx on its own)
 RETRY_BACKOFF = 1.0  # seconds before the 2nd attempt; doubles each time
@@ -122,21 +131,11 @@ def embedded_tracking(state_dir: str | Path) -> tuple[str, str]:
 
 def _auth_headers() -> dict[str, str]:
     if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        return {"Authorization": f"Bearer {token}"}
+        return bearer_header(token)
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     if user and password:
-        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+        return basic_auth_header(f"{user}:{password}")
     return {}
-
-
-def _get(url: str, headers: dict, timeout: float) -> int | None:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return None
 
 
 def check_tracking(uri: str, timeout: float = 3.0) -> None:
@@ -147,9 +146,9 @@ def check_tracking(uri: str, timeout: float = 3.0) -> None:
     if parsed.scheme in ("http", "https"):
         netloc = parsed.netloc.rsplit("@", 1)[-1]
         base = urlunparse(parsed._replace(netloc=netloc)).rstrip("/")
-        if _get(f"{base}/health", {}, timeout) is None:
+        if http_status(f"{base}/health", {}, timeout) is None:
             raise UserError(f"cannot reach the MLflow server at {shown}: is it running? (MLFLOW_TRACKING_URI)")
-        status = _get(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", _auth_headers(), timeout)
+        status = http_status(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", _auth_headers(), timeout)
         if status in (401, 403):
             raise UserError(f"the MLflow server at {shown} refused the credentials (HTTP {status}): "
                             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")

@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny random models of every supported family, their saved folders, and the real teacher."""
+"""Shared fixtures: tiny random models of every supported family, their saved folders, the real teacher, the
+distillation tests' teacher/student folders and corpus, and the flow's services and tiny run config."""
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from minitron.config import load_config_file  # noqa: E402
 from minitron.models import make_byte_tokenizer, save_model  # noqa: E402
 
 pytest_plugins = ["tests.services"]  # real local services: moto S3, mlflow server (see tests/services.py)
@@ -95,3 +98,90 @@ def text_corpus(tmp_path) -> Path:
         paragraphs = [" ".join(words[(d * 7 + p * 3 + i) % len(words)] for i in range(40)) for p in range(5)]
         (folder / f"doc{d:02d}.txt").write_text("\n\n".join(paragraphs))
     return folder
+
+# ----------------------------------------------------------------------------------------------------------------
+# the distillation tests' models (test_distill_loop, test_distill_ddp, test_ray)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared 2-core machine makes 2 spinning OpenMP threads crawl
+    (a module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def depth_pruned(teacher, keep=(0, 3)):
+    """A student the way depth pruning makes one: the teacher with only some decoder layers left."""
+    student = copy.deepcopy(teacher)
+    layers = student.model.layers
+    student.model.layers = torch.nn.ModuleList(layers[i] for i in keep)
+    for i, layer in enumerate(student.model.layers):
+        layer.self_attn.layer_idx = i
+    student.config.num_hidden_layers = len(keep)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    return student
+
+
+def sharp_teacher():
+    """A random tiny Llama with peaked next-token distributions (a scaled final norm), so the KL has room."""
+    teacher = build_tiny_model("llama", seed=1)
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(4.0)
+    return teacher
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root, tokenizer, teacher = tmp_path_factory.mktemp("models"), make_byte_tokenizer(), sharp_teacher()
+    return (save_model(teacher, tokenizer, root / "teacher"),
+            save_model(depth_pruned(teacher), tokenizer, root / "student"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """12 small documents of pseudo-words, once per module (shared by the runs compared below)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for d in range(12):
+        paragraphs = [" ".join(f"w{(d * 31 + p * 13 + i * 7) % 97}" for i in range(60)) for p in range(5)]
+        (folder / f"doc{d:02d}.txt").write_text("\n\n".join(paragraphs))
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the flow against real services (test_flow, test_ray)
+
+TINY_YAML = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+BUCKET = "minitron-checkpoints"
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180), temporary_settings(
+            {PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-results")}):
+        yield
+
+
+@pytest.fixture
+def services(prefect_harness, s3_env, mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINITRON_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MINITRON_WORK", str(tmp_path / "home" / "work"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("MINITRON_CHECKPOINT_STORE", f"s3://{BUCKET}/runs")
+    return mlflow_server
+
+
+def tiny(**overrides):
+    return load_config_file(TINY_YAML, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def children_of(parent_id: str) -> dict:
+    from tasks.tracking import child_runs
+
+    return {r.info.run_name: r for r in child_runs(parent_id)}

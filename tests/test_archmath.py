@@ -7,6 +7,7 @@ import json
 import pytest
 from conftest import FAMILIES, tiny_config
 
+from cli.main import main
 from minitron.archmath import (
     SearchSpace,
     Shape,
@@ -17,7 +18,6 @@ from minitron.archmath import (
     enumerate_candidates,
     shape_of,
 )
-from minitron.cli import main
 from minitron.errors import UserError
 from minitron.models import build_meta_model, load_config
 
@@ -155,3 +155,15 @@ def test_candidates_cli_error(tmp_path, capsys):
     (folder / "config.json").write_text(json.dumps(LLAMA_31_8B))
     assert main(["candidates", str(folder), "--target-params", "9B"]) == 2
     assert "not smaller" in capsys.readouterr().err
+
+
+def test_a_shape_spec_reads_back_as_the_shape():
+    """spec() writes what `target_shapes` reads: the round trip is the identity, a part left out keeps the parent's
+    value, and a spec in another spelling is refused in one line."""
+    parent = Shape(32, 4096, 14336, 32, 8, 128)
+    child = Shape(24, 3072, 9216, 24, 8, 128)
+    assert child.spec() == str(child) == "L24-H3072-F9216-A24-KV8"
+    assert Shape.from_spec(child.spec(), parent) == child
+    assert Shape.from_spec("KV4-L16", parent) == Shape(16, 4096, 14336, 32, 4, 128)
+    with pytest.raises(UserError, match="cannot read shape 'L24 h3072'"):
+        Shape.from_spec("L24 h3072", parent)

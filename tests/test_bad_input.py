@@ -61,7 +61,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def good_scores(tmp_path_factory) -> str:
-    from minitron.cli import main
+    from cli.main import main
 
     out = tmp_path_factory.mktemp("scores") / "scores.safetensors"
     assert main(["importance", "tiny-random-llama", "--data", "shakespeare", "--samples", "4", "--seq-len", "32",
@@ -156,7 +156,7 @@ CLI_CASES = [
 @pytest.mark.parametrize("case, argv, message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_command_fails_with_one_line(case, argv, message, inputs, good_scores, no_model_work, monkeypatch, capsys,
                                      tmp_path):
-    from minitron.cli import main
+    from cli.main import main
 
     monkeypatch.setenv("MINITRON_TIMEZONE", "Mars/Olympus")
     names = {**inputs, "good": good_scores}
@@ -175,7 +175,7 @@ def test_command_fails_with_one_line(case, argv, message, inputs, good_scores, n
 
 def test_fresh_home_error_is_one_line(tmp_path):
     """A real `minitron run` in an empty MINITRON_HOME: the error alone, no Prefect home warning before it."""
-    proc = subprocess.run([sys.executable, "-m", "minitron.cli", "run", "--config", str(TINY), "--set",
+    proc = subprocess.run([sys.executable, "-m", "cli", "run", "--config", str(TINY), "--set",
                            f"data={tmp_path / 'missing.txt'}"], cwd=ROOT, capture_output=True, text=True,
                           env={**__import__("os").environ, "MINITRON_HOME": str(tmp_path / "fresh" / "home")},
                           timeout=300)

@@ -85,7 +85,7 @@ def live(tmp_path_factory):
                    MINITRON_TIMEZONE=TIMEZONE, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         log = tmp / "serve.log"
         with open(log, "wb") as out:  # own process group: a stop reaches the flow-run subprocesses too
-            popen = subprocess.Popen([sys.executable, "-m", "minitron.cli", "serve", "--preset", "tiny",
+            popen = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--preset", "tiny",
                                       "--nightly-preset", "tiny"], cwd=ROOT, env=env, stdout=out,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         serve = stack.Proc("serve", popen.pid, "", "", log=str(log), popen=popen)

@@ -36,7 +36,7 @@ class Run:
 
     def __init__(self, home: Path, env: dict, log: Path):
         self.home, self.log, self.start = home, log, time.monotonic()
-        args = [sys.executable, "-m", "minitron.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml")]
+        args = [sys.executable, "-m", "cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml")]
         args += [x for kv in SETTINGS for x in ("--set", kv)]
         self.proc = subprocess.Popen(args, cwd=home.parent, env={**os.environ, "MINITRON_HOME": str(home), **env},
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -198,7 +198,7 @@ def test_s3_outage_sigint_and_an_emptied_bucket(reference, tmp_path, s3_env, mlf
     assert sources.count(final2) == 1 and final3 in sources
 
     # the URIs the run prints are model specs: fetched from S3 and verified against their manifest
-    from minitron.cli import main
+    from cli.main import main
 
     capsys.readouterr()
     assert main(["info", final3, "--json"]) == 0

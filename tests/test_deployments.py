@@ -58,7 +58,7 @@ def test_schedules(built, monkeypatch):
 
 def test_one_preset_serves_both_deployments(monkeypatch):
     """`serve --preset tiny` gives both deployments tiny's values; --nightly-preset gives the nightly its own."""
-    from minitron.cli import main
+    from cli.main import main
 
     monkeypatch.chdir(ROOT)
     on_demand, nightly = deployments("tiny")

@@ -14,35 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_model
-from test_distill_loop import depth_pruned, one_thread, sharp_teacher  # noqa: F401  (autouse fixture)
 
-from minitron.cli import main
-from minitron.models import make_byte_tokenizer, save_model
+from cli.main import main
+from minitron.models import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(*argv, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "minitron.cli", *map(str, argv)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, argv)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root, tokenizer, teacher = tmp_path_factory.mktemp("models"), make_byte_tokenizer(), sharp_teacher()
-    return (save_model(teacher, tokenizer, root / "teacher"),
-            save_model(depth_pruned(teacher), tokenizer, root / "student"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """12 small documents of pseudo-words, once per module (shared by the runs compared below)."""
-    folder = tmp_path_factory.mktemp("corpus")
-    for d in range(12):
-        paragraphs = [" ".join(f"w{(d * 31 + p * 13 + i * 7) % 97}" for i in range(60)) for p in range(5)]
-        (folder / f"doc{d:02d}.txt").write_text("\n\n".join(paragraphs))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +135,7 @@ def test_killed_two_process_distillation_resumes_from_its_last_checkpoint(tmp_pa
                 "--checkpoint-every", 10, *extra]
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    launcher = subprocess.Popen([sys.executable, "-m", "minitron.cli", *map(str, argv(tmp_path / "two", 2, 2))],
+    launcher = subprocess.Popen([sys.executable, "-m", "cli", *map(str, argv(tmp_path / "two", 2, 2))],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     checkpoints = tmp_path / "two" / "checkpoints"

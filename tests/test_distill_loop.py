@@ -3,12 +3,11 @@ uninterrupted run bit for bit, teacher correction lowers the teacher's CE, bad i
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, depth_pruned, sharp_teacher
 
 from minitron.config import CompressConfig
 from minitron.data import TokenData
@@ -18,34 +17,7 @@ from minitron.errors import UserError
 SEQ = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared 2-core machine makes 2 spinning OpenMP threads crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def depth_pruned(teacher, keep=(0, 3)):
-    """A student the way depth pruning makes one: the teacher with only some decoder layers left."""
-    student = copy.deepcopy(teacher)
-    layers = student.model.layers
-    student.model.layers = torch.nn.ModuleList(layers[i] for i in keep)
-    for i, layer in enumerate(student.model.layers):
-        layer.self_attn.layer_idx = i
-    student.config.num_hidden_layers = len(keep)
-    if getattr(student.config, "layer_types", None):
-        student.config.layer_types = [student.config.layer_types[i] for i in keep]
-    return student
-
-
-def sharp_teacher():
-    """A random tiny Llama with peaked next-token distributions (a scaled final norm), so the KL has room."""
-    teacher = build_tiny_model("llama", seed=1)
-    with torch.no_grad():
-        teacher.model.norm.weight.mul_(4.0)
-    return teacher
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def token_data(n_train=1200, n_val=8, seed=0) -> TokenData:

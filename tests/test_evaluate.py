@@ -56,7 +56,7 @@ def test_smollm2_beats_random_model_on_cloze(smollm2, random_results):
 
 
 def test_cli_writes_results_json(tmp_path, capsys):
-    from minitron.cli import main
+    from cli.main import main
 
     out = tmp_path / "r.json"
     assert main(["evaluate", "tiny-random-llama", "--preset", "offline", "--limit", "8", "--device", "cpu",
@@ -69,7 +69,7 @@ def test_cli_writes_results_json(tmp_path, capsys):
 
 
 def test_unknown_task_is_one_line_error_naming_list_tasks(capsys):
-    from minitron.cli import main
+    from cli.main import main
 
     with pytest.raises(UserError, match="--list-tasks"):
         evaluate("tiny-random-llama", tasks="corpus_cloze,no_such_task", limit=2, device="cpu")

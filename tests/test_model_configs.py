@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from minitron.cli import main
+from cli.main import main
 from minitron.errors import UserError
 from minitron.models import build_meta_model, count_parameters, is_config_only, load_config, load_model
 
@@ -113,7 +113,7 @@ def test_info_on_a_config_only_alias(capsys):
 
 
 def test_weights_command_on_config_only_alias_is_one_line(capsys):
-    from minitron.commands.common import load_model_from_args
+    from cli.commands.common import load_model_from_args
 
     class Args:
         dtype, device, allow_pickle, trust_remote_code = "auto", "cpu", False, False

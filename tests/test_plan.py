@@ -13,20 +13,12 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from cli.main import main
 from minitron.archmath import Shape, shape_of
-from minitron.cli import main
 from minitron.config import load_config_file, make_config
+from minitron.cost import ShapeCost, layer_activation_bytes, measured_mfu, train_flops, training_memory
 from minitron.errors import UserError
-from minitron.plan import (
-    Model,
-    format_plan,
-    layer_activation_bytes,
-    make_plan,
-    measured_mfu,
-    on_nodes,
-    train_flops,
-    training_memory,
-)
+from minitron.plan import format_plan, make_plan, on_nodes
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
@@ -68,7 +60,7 @@ def test_flops_by_hand():
     cfg = make_config({"teacher": "llama-3.1-8b"})
     from minitron.models import load_config
 
-    m = Model(load_config("llama-3.1-8b"), Shape(32, 3072, 9216, 32, 8, 128))
+    m = ShapeCost(load_config("llama-3.1-8b"), Shape(32, 3072, 9216, 32, 8, 128))
     matmul = 4_512_746_496 - 128256 * 3072  # the input embedding does no matmul
     assert train_flops(m, 1000, 8192) == 1000 * (6 * matmul + 12 * 32 * 4096 * 8192)
     assert cfg.seq_len == 1024
@@ -180,7 +172,7 @@ def test_layer_activations_match_saved_tensors(autocast):
     # rotary cos/sin are shared by all layers; autocast's bf16 weight copies are counted once per model
     per_token = sum(v for k, v in saved.items() if k not in params and v >= batch * seq) / (batch * seq)
     weight_casts = 2 * sum(p.numel() for p in layer.parameters() if p.ndim == 2) / (batch * seq) if autocast else 0
-    m = Model(model.config, shape_of(model.config))
+    m = ShapeCost(model.config, shape_of(model.config))
     assert per_token - weight_casts == pytest.approx(layer_activation_bytes(m, autocast), rel=0.01)
 
 
@@ -218,8 +210,8 @@ def test_distillation_peak_within_15_percent(autocast, batch, seq, chunk, accum)
     with PeakMemory(*student.parameters(), *teacher.parameters(), *student.buffers(), *teacher.buffers(), ids,
                     labels, *state) as measured:
         step()
-    estimate = training_memory(Model(student.config, shape_of(student.config)),
-                               Model(teacher.config, shape_of(teacher.config)), batch * seq, grad_accum=accum,
+    estimate = training_memory(ShapeCost(student.config, shape_of(student.config)),
+                               ShapeCost(teacher.config, shape_of(teacher.config)), batch * seq, grad_accum=accum,
                                autocast=autocast, chunk=chunk)
     assert estimate.peak == pytest.approx(measured.peak, rel=0.15)
 
@@ -228,7 +220,7 @@ def test_fsdp_shards_only_the_student_states():
     from minitron.models import load_config
 
     config = load_config("llama-3.1-8b")
-    student, teacher = Model(config, Shape(32, 3072, 9216, 32, 8, 128)), Model(config, shape_of(config))
+    student, teacher = ShapeCost(config, Shape(32, 3072, 9216, 32, 8, 128)), ShapeCost(config, shape_of(config))
     one = training_memory(student, teacher, 8192, chunk=1024)
     eight = training_memory(student, teacher, 8192, chunk=1024, shards=8)
     assert eight.parts["adamw"] == one.parts["adamw"] // 8 and eight.parts["weights"] == one.parts["weights"] // 8
@@ -241,14 +233,14 @@ def test_fsdp_shards_only_the_student_states():
 @pytest.mark.parametrize("logits", [False, True])
 def test_forward_stage_estimate_is_close_and_conservative(logits):
     """Importance and evaluation: a bf16 forward without autograd (with the LM loss when logits are scored)."""
-    from minitron.plan import forward_memory
+    from minitron.cost import forward_memory
 
     torch.set_num_threads(1)
     model = llama(128, 384).to(torch.bfloat16).eval()
     ids = torch.randint(0, 2048, (8, 256))
     with torch.no_grad(), PeakMemory(*model.parameters(), *model.buffers(), ids) as measured:
         model(ids, labels=ids) if logits else model.model(ids)
-    estimate = forward_memory(Model(model.config, shape_of(model.config)), ids.numel(), logits=logits).peak
+    estimate = forward_memory(ShapeCost(model.config, shape_of(model.config)), ids.numel(), logits=logits).peak
     assert measured.peak <= estimate <= 1.2 * measured.peak
 
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from conftest import FAMILIES, build_tiny_model
 
+from cli.main import main
 from minitron.archmath import Shape, count_shape, shape_of
-from minitron.cli import main
 from minitron.errors import UserError
 from minitron.importance import ImportanceScores, compute_importance
 from minitron.prune import norm_factor, prune, save_pruned
@@ -86,7 +86,7 @@ def test_bad_shapes_and_foreign_scores():
         prune(model, s, Shape(4, 64, 128, 3, 2, 16))
     with pytest.raises(UserError, match="cannot grow attention"):
         prune(model, s, Shape(4, 64, 128, 6, 2, 16))
-    with pytest.raises(UserError, match="hidden must be between"):
+    with pytest.raises(UserError, match="hidden 96 must be between"):
         prune(model, s, Shape(4, 96, 128, 4, 2, 16))
     with pytest.raises(UserError, match="leaves 3 layers"):
         prune(model, s, Shape(2, 64, 128, 4, 2, 16), drop_layers=(1, 1))

@@ -16,23 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
-import test_distill_ddp
 import torch
+from conftest import children_of, tiny
 from services import RAY_CPUS
-from test_distill_loop import (  # noqa: F401  (autouse: one torch thread)
-    depth_pruned,
-    one_thread,
-    sharp_teacher,
-)
-from test_flow import children_of, prefect_harness, services, tiny  # noqa: F401  (fixtures)
 
 from infra import stack
 from minitron.config import load_config_file, make_config
 from minitron.errors import UserError
 from tasks.ray_cluster import check_capacity, check_cluster
 
-pytestmark = pytest.mark.services
-folders, corpus = test_distill_ddp.folders, test_distill_ddp.corpus  # fixtures: a tiny teacher and student, a corpus
+pytestmark = [pytest.mark.services, pytest.mark.usefixtures("one_thread")]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -152,7 +145,7 @@ def test_run_refuses_in_one_line(case, ray_cluster, tmp_path):
         env["RAY_AUTH_TOKEN"] = "0" * 64
     nproc = RAY_CPUS + 1 if case == "too-small" else 2
     result = subprocess.run(
-        [sys.executable, "-m", "minitron.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        [sys.executable, "-m", "cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
          "--set", "backend=ray", "--set", f"ray_address={address}", "--set", f"nproc={nproc}", "--set", "device=cpu",
          "--set", "search_tokens=80K"],  # room for one step of RAY_CPUS + 1 ranks per candidate: only the cluster is too small
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
@@ -207,7 +200,7 @@ def ray_run(tmp_path, store: str, **overrides):
 
 
 def distill_job(config, folders, corpus, out: Path, nproc: int):
-    from minitron.plan import Parallelism
+    from minitron.cost import Parallelism
     from tasks.common import training_job
 
     config = config.model_copy(update={"data": str(corpus), "nproc": nproc})

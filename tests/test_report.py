@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from minitron.config import SHAPE_SPEC
+from minitron.archmath import SHAPE_SPEC
 from minitron.report import WINNER, candidate_table, kendall_line, markdown_table, shape_label, sig
 
 

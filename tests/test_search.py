@@ -82,12 +82,12 @@ def test_round_budgets_are_whole_steps_on_every_candidates_ranks():
     train their round's budget exactly; on CPU processes every candidate runs on nproc ranks."""
     from minitron.archmath import Shape, shape_of
     from minitron.config import make_config
+    from minitron.cost import GPUS, ShapeCost
     from minitron.models import load_config
-    from minitron.plan import GPUS, Model
     from minitron.search import candidate_ranks, schedule_for
 
     config = load_config("llama-3.1-8b")
-    teacher = Model(config, shape_of(config))
+    teacher = ShapeCost(config, shape_of(config))
     shapes = [Shape(32, 3072, 9216, 32, 8, 128), Shape(16, 2048, 4096, 16, 8, 128)]
     cfg = make_config({"teacher": "llama-3.1-8b", "search_tokens": "100M"})
     assert candidate_ranks(cfg, teacher, shapes, GPUS["h100-80gb"]) == 2
@@ -429,7 +429,7 @@ def tiny_search_setup(tmp_path, tiny_model, tiny_tokenizer, text_corpus):
 
 
 def test_cli_search_end_to_end(tiny_search_setup, text_corpus, tmp_path, capsys):
-    from minitron.cli import main
+    from cli.main import main
     from minitron.models import load_model
 
     teacher, folder, data, scores, scores_path = tiny_search_setup
@@ -437,7 +437,7 @@ def test_cli_search_end_to_end(tiny_search_setup, text_corpus, tmp_path, capsys)
     args = ["search", str(folder), "--scores", str(scores_path), "--data", str(text_corpus), "--val-fraction",
             "0.2", "--target-params", "100K", "--tolerance", "0.1", "--max-depth-pruning", "0.25",
             "--max-candidates", "5", "--budget-tokens", "3K", "--depth-block-metric", "cloze", "--cloze-items", "6",
-            "--seq-len", "32", "--batch-size", "4", "--eval-every", "2", "--out", str(out)]
+            "--seq-len", "32", "--batch-size", "4", "--eval-every", "2", "--val-batches", "2", "--out", str(out)]
     assert main(args) == 0
     saved = json.loads((out / "candidates.json").read_text())
     # 5 → 3 → 2 candidates; 5 + 3·2 + 2·4 = 19 round-1 budgets of one 128-token step in 3,000 tokens

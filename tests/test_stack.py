@@ -243,3 +243,16 @@ def test_down_leaves_no_process(up):
     assert stack.stack_down(running.state, out=lambda _: None) == []
     creds, generated = stack.load_credentials(running.state)  # the next up reuses them and prints none
     assert not generated and creds["MLFLOW_AUTH_ADMIN_PASSWORD"] == running.env["MLFLOW_TRACKING_PASSWORD"]
+
+
+def test_one_home_folder_for_the_run_state_and_the_stack(monkeypatch, tmp_path):
+    """MINITRON_HOME was read twice with different defaults: the stack took the folder itself, the embedded run
+    state `.minitron`. Now both hang under the one home folder, the stack's state in its `stack/`."""
+    from flows.environment import state_dir
+
+    monkeypatch.setenv("MINITRON_HOME", str(tmp_path))
+    assert (state_dir(), stack.state_dir()) == (tmp_path, tmp_path / "stack")
+    assert stack.state_dir(tmp_path / "mine") == tmp_path / "mine"
+    monkeypatch.delenv("MINITRON_HOME")
+    monkeypatch.chdir(tmp_path)
+    assert (state_dir(), stack.state_dir()) == (tmp_path / ".minitron", tmp_path / ".minitron" / "stack")

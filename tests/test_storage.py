@@ -75,14 +75,6 @@ def test_verify_checks_manifest_sizes_and_content_in_place(store, tmp_path, leve
         store.verify(uri, level)
 
 
-def test_json_results(store):
-    uri = store.put_json({"val_loss": 2.5, "shape": [4, 64]}, "run1/result.json")
-    assert store.get_json(uri) == {"val_loss": 2.5, "shape": [4, 64]}
-    assert store.get_json("run1/missing.json", default=None) is None
-    with pytest.raises(UserError, match="does not exist"):
-        store.get_json("run1/missing.json")
-
-
 def test_missing_checkpoint_is_a_user_error(store, tmp_path):
     with pytest.raises(UserError, match="manifest.json missing"):
         store.get_folder("nope", tmp_path / "dest")

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from cli.main import main
 from minitron import token_store
-from minitron.cli import main
 from minitron.data import is_validation, iter_documents, load_token_data, open_or_build_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_killed_tokenisation_resumes_without_redoing_finished_shards(tmp_path, t
         for _ in range(1500):
             f.write(json.dumps({"text": " ".join(rng.choice(words, 700))}) + "\n")  # ~6 MB of text: 6 work units
     out = tmp_path / "store"
-    argv = [sys.executable, "-m", "minitron.cli", "tokenize", str(corpus), "--model", str(tiny_model_dir),
+    argv = [sys.executable, "-m", "cli", "tokenize", str(corpus), "--model", str(tiny_model_dir),
             "--out", str(out), "--workers", "2", "--chunk-tokens", str(1 << 17)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -183,3 +183,22 @@ def test_retry_transient_then_success():
     with pytest.raises(MlflowException):
         tracking.retry(bad_input, backoff=0.01)
     assert len(calls) == 1  # a user error is not retried
+
+
+def test_run_logs_are_masked(monkeypatch, caplog):
+    """The flow attaches the filter to Prefect's run loggers (once, however often it runs): a credential a task
+    logs, as get_run_logger() would, comes out masked."""
+    import logging
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-xyz")
+    tracking.mask_run_logs()
+    tracking.mask_run_logs()
+    logger = logging.getLogger("prefect.task_runs")
+    try:
+        assert sum(isinstance(f, tracking.SecretFilter) for f in logger.filters) == 1
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            logger.info("stage output: key=%s", "s3cr3t-value-xyz")
+        assert caplog.records[-1].getMessage() == "stage output: key=***"
+    finally:
+        for f in [f for f in logger.filters if isinstance(f, tracking.SecretFilter)]:
+            logger.removeFilter(f)

@@ -131,8 +131,8 @@ def test_nproc_and_parallel_are_in_the_training_cache_keys(stage, field):
 
 def test_evaluate_gets_every_data_and_model_field(tmp_path):
     """Drift: the evaluate task passed --data without --data-config, --data-split or --text-field."""
-    from minitron.cli import build_parser
-    from minitron.commands.common import DATA_ARGS, MODEL_ARGS
+    from cli.main import build_parser
+    from minitron.config import DATA_FIELDS, MODEL_FIELDS
     from tasks.evaluate import evaluate_args
 
     config = load_config_file(CONFIGS / "tiny.yaml", ["data=wikitext", "data_config=wikitext-2-raw-v1",
@@ -140,14 +140,14 @@ def test_evaluate_gets_every_data_and_model_field(tmp_path):
                                                       "val_fraction=0.1", "dtype=bf16", "trust_remote_code=true"])
     args = build_parser().parse_args(evaluate_args(config, "model-folder", tmp_path / "out.json"))
     assert (args.model, args.data, args.preset, args.limit) == ("model-folder", "wikitext", "offline", 20)
-    for name in (*DATA_ARGS, *MODEL_ARGS):
+    for name in (*DATA_FIELDS, *MODEL_FIELDS):
         assert getattr(args, name) == getattr(config, name), name
 
 
 def test_kd_temperature_default_is_written_once():
     """Drift: the default was written four times. Every reader takes the run config's default object itself (a
     float written again elsewhere would be another object, so `is` fails)."""
-    from minitron.cli import build_parser
+    from cli.main import build_parser
     from minitron.distill.loss import KDLossConfig
 
     default = CompressConfig.model_fields["kd_temperature"].default
@@ -162,8 +162,8 @@ def test_kd_temperature_default_is_written_once():
 def test_cli_builds_the_same_job(tmp_path):
     """`minitron distill` flags are the run config's fields: the job it launches equals the flow's for the same
     values (`--temperature`, `--top-k` and `--batch` stay as older spellings)."""
-    from minitron.cli import build_parser
-    from minitron.commands.distill import train_job
+    from cli.commands.distill import train_job
+    from cli.main import build_parser
 
     args = build_parser().parse_args([
         "distill", "--teacher", "tiny-random-llama", "--student", "student-folder", "--data", "shakespeare",
@@ -204,14 +204,14 @@ def fits_below(limit: dict[bool, int]):
     (8, "auto", False, {}, None),
 ])
 def test_choose_parallelism(nproc, parallel, ck, limit, expected):
-    from minitron.plan import choose_parallelism
+    from minitron.cost import choose_parallelism
 
     chosen = choose_parallelism(nproc, parallel, ck, fits_below(limit))
     assert (chosen and (chosen.describe().split(",")[0], chosen.checkpointing)) == expected
 
 
 def test_cpu_processes_follow_the_config():
-    from minitron.plan import choose_parallelism
+    from minitron.cost import choose_parallelism
 
     assert choose_parallelism(2, "auto", False, None).describe() == "DDP x2"
     assert choose_parallelism(2, "fsdp", True, None).describe() == "FSDP x2, activation checkpointing"
@@ -222,13 +222,14 @@ def test_cpu_processes_follow_the_config():
 def test_dry_run_and_run_choose_the_same_parallelism(preset, gpu, tmp_path, monkeypatch):
     """Every training stage of every paper preset: the run's decision (tasks/common.training_parallelism on the
     model folders the stages read, on a machine with that GPU) is the one the dry run prints."""
-    import minitron.plan
+    import minitron.cost
+    from minitron.cost import GPUS
     from minitron.models import load_config
-    from minitron.plan import GPUS, _at, make_plan
+    from minitron.plan import _at, make_plan
 
     config = load_config_file(CONFIGS / preset)
     plan = make_plan(config, gpu, root="/nonexistent")
-    monkeypatch.setattr(minitron.plan, "local_gpu", lambda device="auto": GPUS[gpu])
+    monkeypatch.setattr(minitron.cost, "local_gpu", lambda device="auto": GPUS[gpu])
     teacher_config = load_config(config.teacher)
 
     def folder(model) -> str:  # what a stage reads: a checkpoint folder's config.json
@@ -256,7 +257,7 @@ def test_dry_run_and_run_choose_the_same_parallelism(preset, gpu, tmp_path, monk
 
 
 def test_dry_run_prints_the_decision(capsys):
-    from minitron.cli import main
+    from cli.main import main
 
     assert main(["run", "--config", str(CONFIGS / "llama-3.1-8b-minitron-4b-width.yaml"), "--dry-run", "--json"]) == 0
     stages = {s["name"]: s for s in json.loads(capsys.readouterr().out)["stages"]}
@@ -271,9 +272,9 @@ def test_preflight_names_the_gpus_each_stage_needs(tmp_path, monkeypatch):
 
     import torch
 
-    import minitron.plan
+    import minitron.cost
     from flows.preflight import preflight
-    from minitron.plan import GPUS
+    from minitron.cost import GPUS
 
     config = load_config_file(CONFIGS / "llama-3.1-8b-minitron-4b-width.yaml", [
         f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_store={tmp_path}/store"])
@@ -284,7 +285,7 @@ def test_preflight_names_the_gpus_each_stage_needs(tmp_path, monkeypatch):
     message = str(err.value)
     assert "\n" not in message and message.startswith("this machine has 0 GPUs but teacher correction needs 8 "
                                                       "(FSDP x8, activation checkpointing), distillation needs 8")
-    monkeypatch.setattr(minitron.plan, "local_gpu", lambda device="auto": GPUS["h100-80gb"])
+    monkeypatch.setattr(minitron.cost, "local_gpu", lambda device="auto": GPUS["h100-80gb"])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     preflight(config)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from minitron.commands.common import add_model_args, load_model_from_args
+from cli.commands.common import add_model_args, load_model_from_args
 
 
 def register(sub) -> None:
@@ -46,11 +46,11 @@ def parse_block(text: str) -> tuple[int, int]:
 def run(args) -> int:
     import time
 
-    from minitron.archmath import Shape, count_shape, shape_of
+    from minitron.archmath import Shape, check_shape, count_shape, shape_of
     from minitron.config import format_count
     from minitron.importance import ImportanceScores
     from minitron.models import load_config
-    from minitron.prune import check_options, check_shape, prune, save_pruned
+    from minitron.prune import check_options, prune, save_pruned
 
     # Everything that can be wrong is checked on the config and the scores file, before weights are read.
     config = load_config(args.model, trust_remote_code=args.trust_remote_code)
@@ -62,7 +62,7 @@ def run(args) -> int:
     kv = args.kv_groups or full.kv_heads
     per = args.heads_per_group or full.heads_per_group
     shape = Shape(layers, args.hidden or full.hidden, args.ffn or full.ffn, per * kv, kv, full.head_dim)
-    check_shape(config, shape, drop)
+    check_shape(shape, full, config=config, drop=drop)
     check_options(config, scores, rescale_norms=args.rescale_norms, compensate_mlp=args.compensate_mlp)
     if args.layers and args.layers < full.layers:
         scores.layer_ranking(args.layer_metric)  # the chosen ranking must exist

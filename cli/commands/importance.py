@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from minitron.commands.common import add_data_args, add_model_args, load_data_from_args, load_model_from_args
+from cli.commands.common import (
+    add_config_args,
+    add_data_args,
+    add_model_args,
+    load_data_from_args,
+    load_model_from_args,
+)
 
 
 def register(sub) -> None:
@@ -11,13 +17,11 @@ def register(sub) -> None:
                                    "the scores file is reused by every `minitron prune` target.")
     p.add_argument("model", help="model folder, .gguf, hub id or alias")
     add_data_args(p)
-    p.add_argument("--samples", type=int, default=1024, help="calibration sequences (papers: 1024)")
+    add_config_args(p, "calib_samples", aliases={"calib_samples": "--samples"})
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sequence")
     p.add_argument("--val-samples", type=int, default=16,
                    help="validation blocks for the layer-skip loss ranking (0 = Block Influence only)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--seq-agg", default="mean", choices=["mean", "l2", "var"], help="aggregation over tokens")
-    p.add_argument("--batch-agg", default="l2", choices=["mean", "l2", "var"], help="aggregation over samples")
+    add_config_args(p, "batch_size", "seq_agg", "batch_agg")  # the run config's fields, names and defaults
     p.add_argument("--out", required=True, help="scores file to write (.safetensors)")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -31,13 +35,13 @@ def run(args) -> int:
     from minitron.importance import compute_importance
     from minitron.models import load_config
 
-    for flag in ("samples", "seq_len", "batch_size"):
+    for flag in ("calib_samples", "seq_len", "batch_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     family_of(load_config(args.model, trust_remote_code=args.trust_remote_code))  # unsupported → error, no load
     model, tokenizer = load_model_from_args(args.model, args)
     data = load_data_from_args(args, tokenizer, args.seq_len)
-    calib = data.calibration(args.samples, args.seq_len, seed=args.seed)
+    calib = data.calibration(args.calib_samples, args.seq_len, seed=args.seed)
     val = data.val[: args.val_samples] if args.val_samples > 0 and len(data.val) else None
     start = time.perf_counter()
     scores = compute_importance(model, calib, batch_size=args.batch_size, seq_agg=args.seq_agg,

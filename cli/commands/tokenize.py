@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from minitron.commands.common import add_data_args, data_kwargs, print_json_or_lines
+from cli.commands.common import add_data_args, data_kwargs, print_json_or_lines
 
 
 def register(sub) -> None:

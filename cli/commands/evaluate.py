@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from minitron.commands.common import add_data_args, add_model_args, print_table
+from cli.commands.common import add_data_args, add_model_args, print_table
 
 
 def _limit(text: str) -> int | float:

@@ -10,7 +10,8 @@ needs each step's winner fully distilled before it teaches the next, which is wh
 
 from __future__ import annotations
 
-from minitron.commands.common import (
+from cli.commands.common import (
+    add_config_args,
     add_data_args,
     add_model_args,
     add_space_args,
@@ -33,26 +34,16 @@ def register(sub) -> None:
     add_space_args(p)
     p.add_argument("--memory-cap-gib", type=float, default=None,
                    help="only shapes whose bf16 weights + KV cache of one --seq-len sequence fit in this many GiB")
-    p.add_argument("--max-candidates", type=int, default=32,
-                   help="candidates in round 1: the whole space if smaller, else an even sample (or --proxy's best)")
     p.add_argument("--budget-tokens", required=True,
                    help="token budget of the whole search (every round and candidate), e.g. 2M")
-    p.add_argument("--eta", type=int, default=2, help="each round keeps the best 1/eta and trains them eta x longer")
-    p.add_argument("--metric", default="val_loss", choices=["val_loss", "val_kl"],
-                   help="ranking: validation LM loss or KL to the teacher")
-    p.add_argument("--proxy", action="store_true",
-                   help="zero-shot first filter: keep the --max-candidates best by the KL of the untrained pruned "
-                        "model")
-    p.add_argument("--proxy-batches", type=int, default=2, help="validation batches for the proxy KL")
-    p.add_argument("--depth-block-metric", default="loss", choices=["loss", "cloze"],
-                   help="choose each removed block of layers by validation LM loss or the offline cloze task")
+    # the search's own fields of the run config (--search-eta ...), under their shorter older spellings too
+    add_config_args(p, "search_max_candidates", "search_eta", "search_metric", "search_proxy",
+                    aliases={"search_max_candidates": "--max-candidates", "search_eta": "--eta",
+                             "search_metric": "--metric", "search_proxy": "--proxy"})
     p.add_argument("--cloze-items", type=int, default=200, help="cloze items for --depth-block-metric cloze")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (distillation and scoring)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of each short distillation")
-    p.add_argument("--eval-every", type=int, default=25, help="steps between validations (loss-curve points)")
-    p.add_argument("--val-batches", type=int, default=2,
-                   help="validation batches per evaluation (and for the depth-block loss)")
+    # the candidates' short distillations and scoring: the run config's fields, names and defaults
+    add_config_args(p, "proxy_batches", "depth_block_metric", "seq_len", "batch_size", "lr", "min_lr", "eval_every",
+                    "val_batches")
     p.add_argument("--out", required=True, help="output folder (must not hold a previous search)")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -85,7 +76,7 @@ def run(args) -> int:
     from minitron.search import enumerate_rows, halving_schedule
 
     # --- every check before the teacher is loaded --------------------------------------------------------------
-    for flag in ("seq_len", "batch_size", "proxy_batches", "eval_every", "val_batches", "max_candidates",
+    for flag in ("seq_len", "batch_size", "proxy_batches", "eval_every", "val_batches", "search_max_candidates",
                  "cloze_items"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -98,8 +89,8 @@ def run(args) -> int:
     cap = int(args.memory_cap_gib * 2**30) if args.memory_cap_gib else None
     rows = enumerate_rows(config, target, args.tolerance, axes=args.axes, space=space_from_args(args),
                           max_memory_bytes=cap, context=args.seq_len)
-    schedule = halving_schedule(min(len(rows), args.max_candidates), budget, args.batch_size * args.seq_len,
-                                args.eta)
+    schedule = halving_schedule(min(len(rows), args.search_max_candidates), budget, args.batch_size * args.seq_len,
+                                args.search_eta)
     print(f"{len(rows)} shapes within {args.tolerance:.0%} of {format_count(target)}; {schedule.describe()}")
     if not Path(args.scores).is_file():
         raise UserError(f"scores file '{args.scores}' does not exist: run `minitron importance` first")
@@ -124,19 +115,19 @@ def run(args) -> int:
         block_score = BlockCloze(cloze_items(EvalDataConfig(
             data=args.data, val_fraction=args.val_fraction, seed=args.seed, hf_config=args.data_config,
             hf_split=args.data_split, text_field=args.text_field), args.cloze_items), tokenizer)
-    distill_cfg = DistillConfig(tokens=budget, batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10,
+    distill_cfg = DistillConfig(tokens=budget, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
                                 eval_every=args.eval_every, val_batches=args.val_batches, seed=args.seed,
                                 device=args.device, dtype=args.dtype, progress=False)
     start = time.perf_counter()
-    result = search(teacher, scores, data, target_params=target, budget_tokens=budget, eta=args.eta,
-                    max_candidates=args.max_candidates, metric=args.metric, proxy=args.proxy,
+    result = search(teacher, scores, data, target_params=target, budget_tokens=budget, eta=args.search_eta,
+                    max_candidates=args.search_max_candidates, metric=args.search_metric, proxy=args.search_proxy,
                     proxy_batches=args.proxy_batches, batch_size=args.batch_size, block_score=block_score,
                     block_batches=args.val_batches, seed=args.seed, short_distill=ShortDistill(distill_cfg, tokenizer),
                     on_candidate=_print_event, out_dir=out, rows=rows)
     seconds = time.perf_counter() - start
 
     # --- results -------------------------------------------------------------------------------------------------
-    metric = args.metric
+    metric = args.search_metric
     print(f"\ntarget {format_count(target)} -> {out}; round 1: {result.selection}")
     print_table([{"round": r["round"], "trained": r["trained"], "tokens_each": format_count(r["tokens_per_candidate"]),
                   "failed": r["failed"], "kept": r["kept"], "best": r["best"] or "",

@@ -5,7 +5,7 @@ Needs the config only (a folder holding just config.json works): no weights are 
 
 from __future__ import annotations
 
-from minitron.commands.common import add_space_args, space_from_args
+from cli.commands.common import add_space_args, space_from_args
 
 
 def register(sub) -> None:
@@ -22,8 +22,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from cli.commands.common import print_table
     from minitron.archmath import count_params, enumerate_candidates, shape_of
-    from minitron.commands.common import print_table
     from minitron.config import format_count, parse_count
     from minitron.models import load_config
 

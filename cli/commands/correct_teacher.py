@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from minitron.commands.distill import add_train_args, report, train_job
+from cli.commands.distill import add_train_args, report, train_job
 
 
 def register(sub) -> None:

@@ -5,7 +5,7 @@ device: exact shapes and counts, no weights read, no memory used."""
 
 from __future__ import annotations
 
-from minitron.commands.common import add_model_args, load_model_from_args, print_json_or_lines
+from cli.commands.common import add_model_args, load_model_from_args, print_json_or_lines
 
 
 def register(sub) -> None:

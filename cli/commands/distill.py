@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from minitron.commands.common import (
-    DATA_ARGS,
-    MODEL_ARGS,
-    add_config_args,
-    add_data_args,
-    add_model_args,
-    data_spec_from_args,
-)
+from cli.commands.common import add_config_args, add_data_args, add_model_args, data_spec_from_args
+from minitron.config import DATA_FIELDS, MODEL_FIELDS
 
 KD_ARGS = ("kd_temperature", "kd_top_k", "ce_weight", "intermediate_weight")  # what teacher correction has not
 ALIASES = {"batch_size": "--batch", "kd_temperature": "--temperature", "kd_top_k": "--top-k"}  # older spellings
@@ -23,7 +17,7 @@ def train_args() -> tuple[str, ...]:
     from minitron.config import shared_fields
 
     return ("seq_len", "max_corpus_tokens", "nproc",
-            *(f for f in shared_fields() if f not in MODEL_ARGS + DATA_ARGS))
+            *(f for f in shared_fields() if f not in MODEL_FIELDS + DATA_FIELDS))
 
 
 def add_train_args(p: argparse.ArgumentParser, *, kd: bool) -> None:
@@ -65,8 +59,8 @@ def train_job(args, objective: str, model: str, teacher: str | None = None):
 
 def parallelism(args, model: str, teacher: str | None):
     """The plan's decision for this machine (`--parallel auto` sizes the stage for its GPU, as the dry run does)."""
+    from minitron.cost import local_gpu, train_parallelism
     from minitron.errors import UserError
-    from minitron.plan import local_gpu, train_parallelism
 
     gpu = local_gpu(args.device)
     trained, frozen = (None, None) if gpu is None else (_counted(model, args), teacher and _counted(teacher, args))
@@ -84,11 +78,11 @@ def parallelism(args, model: str, teacher: str | None):
 
 def _counted(spec: str, args):
     from minitron.archmath import shape_of
+    from minitron.cost import ShapeCost
     from minitron.models import load_config
-    from minitron.plan import Model
 
     config = load_config(spec, trust_remote_code=args.trust_remote_code)
-    return Model(config, shape_of(config))
+    return ShapeCost(config, shape_of(config))
 
 
 def run(args) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from minitron.commands.common import add_data_args, data_kwargs, print_json_or_lines
+from cli.commands.common import add_data_args, data_kwargs, print_json_or_lines
 
 
 def register(sub) -> None:
@@ -21,7 +21,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from minitron.commands.tokenize import progress_bar
+    from cli.commands.tokenize import progress_bar
     from minitron.data import load_token_data, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)

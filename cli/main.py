@@ -1,6 +1,6 @@
 """`minitron`: one CLI for every stage (`minitron <command> --help`).
 
-Each command lives in `minitron/commands/<name>.py` with `register(subparsers)`, which adds its parser and sets
+Each command lives in `cli/commands/<name>.py` with `register(subparsers)`, which adds its parser and sets
 `func`. Heavy imports (torch, transformers, prefect, mlflow) happen inside the command, so `--help` is instant.
 """
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "knowledge distillation for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"minitron.commands.{name.replace('-', '_')}").register(sub)
+        importlib.import_module(f"cli.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fetch_checkpoints(args) -> None:
     """Model specs that are s3:// checkpoint URIs become verified local copies, for every command at once."""
-    from minitron.commands.common import SPEC_ARGS, local_spec
+    from cli.commands.common import SPEC_ARGS, local_spec
 
     for name in SPEC_ARGS:
         if isinstance(getattr(args, name, None), str):

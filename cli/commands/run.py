@@ -11,7 +11,8 @@ import json
 
 
 def register(sub) -> None:
-    from minitron.plan import GPUS, REFERENCE_GPU
+
+    from minitron.cost import GPUS, REFERENCE_GPU
 
     p = sub.add_parser("run", help="run (or --dry-run: plan) a whole compression from a config",
                        description="Run teacher correction, importance, search, distillation and evaluation as "

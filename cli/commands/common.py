@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from minitron.config import DATA_FIELDS, MODEL_FIELDS
+
 
 def add_config_args(p: argparse.ArgumentParser, *names: str, aliases: dict[str, str] | None = None) -> None:
     """`--kebab-name` options for run-config fields: type, choices, default and help come from CompressConfig, so
@@ -30,19 +32,17 @@ def add_config_args(p: argparse.ArgumentParser, *names: str, aliases: dict[str, 
             p.add_argument(*flags, type=kind, default=f.default, help=helptext)
 
 
-MODEL_ARGS = ("device", "dtype", "allow_pickle", "trust_remote_code")
-DATA_ARGS = ("data_config", "data_split", "text_field", "val_fraction", "seed", "token_store")  # --data: each own
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    add_config_args(p, *MODEL_ARGS)
+    add_config_args(p, *MODEL_FIELDS)
 
 
 def add_data_args(p: argparse.ArgumentParser, *, flag: str = "--data") -> None:
     if flag:
         p.add_argument(flag, dest="data", required=True,
                        help="corpus: 'shakespeare', .txt/.jsonl/.parquet files or folders, or a hub dataset id")
-    add_config_args(p, *DATA_ARGS)
+    add_config_args(p, *DATA_FIELDS)
 
 
 SPEC_ARGS = ("model", "teacher", "student")  # the commands' arguments that hold a model spec
