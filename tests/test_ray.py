@@ -326,7 +326,8 @@ def watch_training_groups(seen: list, stop: threading.Event) -> threading.Thread
 def test_tiny_flow_on_ray_matches_the_local_backend(ray_driver, ray_cluster, services):  # noqa: F811
     """configs/tiny.yaml with nproc 2 (DDP, gloo) under backend local (torchrun) and backend ray (every training
     stage a 2-worker Ray Train job): the same final validation KL, and the search's two candidates trained as
-    concurrent Ray Train jobs, each requesting 1 CPU per worker as the state API shows.
+    concurrent Ray Train jobs, each requesting 1 CPU per worker as the state API shows; under ray the three
+    evaluations run as Ray tasks and their metrics reach the models' runs.
 
     Both backends run the same run_job on the same TrainJob with the same 2-rank gloo all-reduce, so the students
     agree to fp32 reduction order: rel 1e-4 (the torchrun-vs-one-process test allows 1e-3 for FSDP's
@@ -341,7 +342,8 @@ def test_tiny_flow_on_ray_matches_the_local_backend(ray_driver, ray_cluster, ser
     seen, stop = [], threading.Event()
     watcher = watch_training_groups(seen, stop)
     try:
-        on_ray = compress(tiny(name="on-ray", backend="ray", ray_address=ray_cluster.address, **common))
+        on_ray = compress(tiny(name="on-ray", backend="ray", ray_address=ray_cluster.address,
+                               **{**common, "evaluate": True}))
     finally:
         stop.set()
         watcher.join(timeout=10)
@@ -356,3 +358,12 @@ def test_tiny_flow_on_ray_matches_the_local_backend(ray_driver, ray_cluster, ser
     # the candidates ran side by side: two training jobs held their placement groups at once, 1 CPU per worker
     assert max(len(poll) for poll in seen) == 2, seen
     assert all(bundles == [{"CPU": 1.0}] * 2 for poll in seen for bundles in poll.values()), seen
+    # the three evaluations ran as Ray tasks, 1 CPU each, and their results reached the models' MLflow runs
+    from ray.util.state import list_tasks
+
+    names = [f"evaluate {m}" for m in ("teacher", "pruned", "final")]
+    tasks = {name: list_tasks(filters=[("name", "=", name)], detail=True) for name in names}
+    assert all(len(runs) == 1 and runs[0].state == "FINISHED" and runs[0].required_resources == {"CPU": 1.0}
+               for runs in tasks.values()), tasks
+    children = children_of(on_ray["parent_run_id"])
+    assert all("eval/corpus_cloze/acc" in children[name].data.metrics for name in names)
