@@ -63,15 +63,7 @@ def local_spec(spec: str) -> str:
 
 def add_space_args(p: argparse.ArgumentParser) -> None:
     """The candidate space (minitron.archmath.SearchSpace); defaults follow the student's size and the ratio."""
-    p.add_argument("--tolerance", type=float, default=0.05, help="relative distance to the budget allowed")
-    p.add_argument("--axes", default="all", choices=["all", "width", "depth"],
-                   help="width: keep all layers; depth: keep the width; all: both and mixed")
-    p.add_argument("--prune-kv-groups", action="store_true", help="also try fewer KV groups")
-    p.add_argument("--max-width-pruning", type=float, default=None,
-                   help="fraction of each width axis that may go (default 0.4, or down to the target's share of "
-                        "the teacher for stronger compression)")
-    p.add_argument("--max-depth-pruning", type=float, default=None,
-                   help="fraction of the layers that may go (default 0.2 with width, any with --axes depth)")
+    add_config_args(p, "tolerance", "axes", "prune_kv_groups", "max_width_pruning", "max_depth_pruning")
     p.add_argument("--hidden-multiple", type=int, default=None,
                    help="hidden size divisor (default by student size: 64 below 1B, 256 to 10B, 512 above)")
     p.add_argument("--ffn-multiple", type=int, default=None, help="MLP size divisor (default as --hidden-multiple)")
